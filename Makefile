@@ -1,0 +1,49 @@
+# The two quick-start commands are `make demo` and `make test`; both install what they need on first use.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.igsp-installed
+# Offline everywhere: no test or demo may reach a model hub (weights cannot be downloaded here or in CI).
+export HF_HUB_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: install test test-fast test-interpret demo bench bench-cpu gpu-suite check clean
+
+install: $(STAMP)
+
+# Idempotent: the stamp is rebuilt only when the package metadata or the C++ sources change.
+# torch/torchvision are pinned here (not in setup.py) because these machines serve exactly these wheels from
+# local disk; a newer torch would download several GB.
+$(STAMP): setup.py pyproject.toml $(wildcard csrc/cpu/*.cpp csrc/cpu/*/*.cpp csrc/cpu/*.h csrc/cpu/*/*.h)
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip setuptools wheel
+	$(PY) -m pip install -q torch==2.14.1 torchvision==0.29.1
+	$(PY) -m pip install -q --no-build-isolation -e ".[dev,train,bench]"
+	touch $(STAMP)
+
+# The whole CPU suite: reference, modules, C++ extension, trainer, data; then the Triton kernels under the
+# interpreter in their own process (TRITON_INTERPRET must be set before triton kernels are imported).
+test: install
+	$(PY) -m pytest -q -n 2 -m "not interpret and not gpu" tests
+	TRITON_INTERPRET=1 $(PY) -m pytest -q -n 2 -m "interpret" tests
+
+test-fast: install
+	$(PY) -m pytest -q -x -m "not interpret and not gpu and not slow" tests
+
+test-interpret: install
+	TRITON_INTERPRET=1 $(PY) -m pytest -q -m "interpret" tests
+
+demo: install
+	$(VENV)/bin/igsp demo
+
+bench: install
+	$(PY) -m pytest benchmarks -m "not cpu_bench" --benchmark-json=benchmarks/results/bench.json
+
+bench-cpu: install
+	$(PY) -m pytest benchmarks/cpu -q --benchmark-json=benchmarks/results/cpu_bench.json
+
+check: install
+	$(VENV)/bin/ruff check igsp_kernels igsp tests benchmarks setup.py
+
+clean:
+	rm -rf build *.egg-info igsp_kernels/_C*.so .pytest_cache

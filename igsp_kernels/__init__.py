@@ -1,0 +1,36 @@
+"""igsp_kernels: fused mixture-of-LoRA-experts ops, routing and subspace ops, and drop-in adapter modules.
+
+Imports only torch (and triton, lazily, when present): never `igsp` or `open_clip` (STYLE A1).
+
+Two import paths:
+- the curated API below (`igsp_kernels.moe_lora`, `igsp_kernels.MoELoRALinear`, ...), validated and dispatched;
+- the submodules for power users: `igsp_kernels.reference` (eager ground truth), `igsp_kernels.backends`
+  (dispatch and its reasons), `igsp_kernels.ops` (Triton kernels, needs triton).
+"""
+
+from igsp_kernels.backends import BackendNotSupportedError, OpRequest, available_backends, explain
+from igsp_kernels.functional import (
+    expand_sample_routing,
+    moe_lora,
+    project_grad_,
+    project_out,
+    route_topk,
+    subspace_basis,
+    subspace_penalty,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BackendNotSupportedError",
+    "OpRequest",
+    "available_backends",
+    "expand_sample_routing",
+    "explain",
+    "moe_lora",
+    "project_grad_",
+    "project_out",
+    "route_topk",
+    "subspace_basis",
+    "subspace_penalty",
+]

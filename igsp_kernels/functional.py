@@ -1,0 +1,287 @@
+"""The typed public ops: validate once, pick a backend, run.
+
+Every function here checks its inputs and raises `TypeError`/`ValueError`/`IndexError` naming the argument,
+the expected and the received value, so no backend ever sees malformed input (no crash deep in a kernel,
+no silent garbage). Then `igsp_kernels.backends.select_backend` picks the implementation.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Literal
+
+import torch
+
+from igsp_kernels import _env
+from igsp_kernels.backends import OpRequest, select_backend
+from igsp_kernels.reference.moe_lora import ACTIVATIONS
+from igsp_kernels.reference.routing import expand_sample_routing
+from igsp_kernels.reference.subspace import project_out_ref, subspace_basis_ref
+
+__all__ = [
+    "expand_sample_routing",
+    "moe_lora",
+    "project_grad_",
+    "project_out",
+    "route_topk",
+    "subspace_basis",
+    "subspace_penalty",
+]
+
+Activation = Literal["identity", "relu"]
+BackendName = Literal["auto", "reference", "triton", "cpp"]
+
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_INDEX_DTYPES = (torch.int32, torch.int64)
+# Offsets inside the fused kernels are int32 where that is faster; the launchers switch to int64 above this.
+INT32_LIMIT = 2**31 - 1
+
+
+# ----------------------------------------------------------------------------------------------- checks
+def _dt(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+def _check_tensor(
+    name: str,
+    t: object,
+    *,
+    ndim: int | None = None,
+    dtypes: Sequence[torch.dtype] | None = None,
+    device: torch.device | None = None,
+) -> torch.Tensor:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if ndim is not None and t.dim() != ndim:
+        raise ValueError(f"{name} must have {ndim} dimensions, got shape {tuple(t.shape)}")
+    if dtypes is not None and t.dtype not in dtypes:
+        raise TypeError(f"{name} must have dtype in {[_dt(d) for d in dtypes]}, got {_dt(t.dtype)}")
+    if device is not None and t.device != device:
+        raise ValueError(f"{name} must be on {device} (the device of x), got {t.device}")
+    return t
+
+
+def _check_shape(name: str, t: torch.Tensor, expected: tuple[int, ...], what: str) -> None:
+    if tuple(t.shape) != expected:
+        raise ValueError(f"{name} must have shape {expected} ({what}), got {tuple(t.shape)}")
+
+
+def _check_index_range(name: str, idx: torch.Tensor, upper: int, what: str) -> None:
+    """0 <= idx < upper. On CPU a real check; on an accelerator an async device assert (no host sync)."""
+    if idx.numel() == 0 or not _env.check_indices_enabled():
+        return
+    if idx.device.type == "cpu":
+        lo, hi = int(idx.min()), int(idx.max())
+        if lo < 0 or hi >= upper:
+            bad = lo if lo < 0 else hi
+            raise IndexError(f"{name} values must lie in [0, {upper}) ({what}), got {bad}")
+    else:
+        torch._assert_async(((idx >= 0) & (idx < upper)).all(), f"{name} values must lie in [0, {upper}) ({what})")
+
+
+# ---------------------------------------------------------------------------------------------- routing
+def route_topk(
+    logits: torch.Tensor,
+    k: int,
+    *,
+    active: torch.Tensor | None = None,
+    noise_std: float = 0.0,
+    generator: torch.Generator | None = None,
+    backend: BackendName = "auto",
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Top-k gating over the active experts.
+
+    Semantics: p = softmax(logits + noise_std * N(0, 1)) over active experts; idx, w = topk(p, k); w /= w.sum(-1).
+
+    Args:
+        logits: (N, E) floating router logits.
+        k: experts per row, 1 <= k <= number of active experts.
+        active: optional bool mask (E,) or (N, E); inactive experts are never chosen.
+        noise_std: std of Gaussian noise added to the logits (noisy top-k, training only); >= 0.
+        generator: RNG for the noise.
+    Returns:
+        topk_idx int32 (N, k), topk_w fp32 (N, k) (rows sum to 1), probs fp32 (N, E).
+    """
+    _check_tensor("logits", logits, ndim=2, dtypes=_FLOAT_DTYPES)
+    N, E = logits.shape
+    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= E:
+        raise ValueError(f"k must be an int in [1, {E}] (E = logits.shape[1]), got {k!r}")
+    if not isinstance(noise_std, (int, float)) or noise_std < 0:
+        raise ValueError(f"noise_std must be a float >= 0, got {noise_std!r}")
+    if active is not None:
+        _check_tensor("active", active, dtypes=(torch.bool,), device=logits.device)
+        if tuple(active.shape) not in ((E,), (N, E)):
+            raise ValueError(f"active must have shape ({E},) or ({N}, {E}), got {tuple(active.shape)}")
+        if active.device.type == "cpu":
+            fewest = int(active.sum(-1).min()) if active.numel() else 0
+            if N > 0 and fewest < k:
+                raise ValueError(f"k={k} is larger than the number of active experts ({fewest}) in active")
+        else:
+            torch._assert_async((active.sum(-1) >= k).all(), f"k={k} is larger than the number of active experts")
+    request = OpRequest("route_topk", logits.device, logits.dtype)
+    return select_backend(request, backend)("route_topk", logits, k, active, float(noise_std), generator)
+
+
+# --------------------------------------------------------------------------------------------- moe_lora
+def moe_lora(
+    x: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    topk_idx: torch.Tensor,
+    topk_w: torch.Tensor,
+    *,
+    base_weight: torch.Tensor | None = None,
+    base_bias: torch.Tensor | None = None,
+    scale: float = 1.0,
+    activation: Activation = "identity",
+    expert_bias: tuple[torch.Tensor | None, torch.Tensor | None] | None = None,
+    backend: BackendName = "auto",
+) -> torch.Tensor:
+    """Routed mixture of LoRA experts, fused with an optional frozen base linear.
+
+    Semantics: y[t] = x[t] W0^T + b0 + scale * sum_j w[t,j] * (phi(x[t] A[e] + ba[e]) B[e] + bb[e]), e = idx[t,j].
+
+    Args:
+        x: (T, d_in) fp16/bf16/fp32/fp64 token rows.
+        A: (E, d_in, r) expert down-projections; B: (E, r, d_out) expert up-projections (any float dtype,
+            computed with fp32 accumulation).
+        topk_idx: (T, k) int32/int64 expert of each assignment, in [0, E).
+        topk_w: (T, k) float gate of each assignment (differentiable; flows on to the router).
+        base_weight: optional frozen (d_out, d_in) weight W0; base_bias: optional frozen (d_out,) b0.
+            Without a base this is the parallel-adapter form. A base that requires grad is an error.
+        scale: the LoRA scale s.
+        activation: phi, "identity" (LoRA) or "relu" (adapter parity with MoE-Adapters).
+        expert_bias: optional (ba (E, r) or None, bb (E, d_out) or None) per-expert biases.
+        backend: "auto" (Triton on CUDA, the C++ extension on CPU when built, else the reference) or a name.
+    Returns:
+        y: (T, d_out) in x.dtype. Gradients reach x, A, B, topk_w and the expert biases.
+    """
+    _check_tensor("x", x, ndim=2, dtypes=_FLOAT_DTYPES)
+    dev = x.device
+    T, d_in = x.shape
+    _check_tensor("A", A, ndim=3, dtypes=_FLOAT_DTYPES, device=dev)
+    _check_tensor("B", B, ndim=3, dtypes=_FLOAT_DTYPES, device=dev)
+    E, _, r = A.shape
+    if E < 1 or r < 1:
+        raise ValueError(f"A must have at least one expert and rank >= 1, got shape {tuple(A.shape)}")
+    if A.shape[1] != d_in:
+        raise ValueError(f"A must have shape (E, {d_in}, r) (d_in = x.shape[1]), got {tuple(A.shape)}")
+    if B.shape[0] != E or B.shape[1] != r:
+        raise ValueError(f"B must have shape ({E}, {r}, d_out) (E, r from A), got {tuple(B.shape)}")
+    d_out = B.shape[2]
+    _check_tensor("topk_idx", topk_idx, ndim=2, dtypes=_INDEX_DTYPES, device=dev)
+    if topk_idx.shape[0] != T:
+        raise ValueError(f"topk_idx must have shape ({T}, k) (T = x.shape[0]), got {tuple(topk_idx.shape)}")
+    k = topk_idx.shape[1]
+    if not 1 <= k <= E:
+        raise ValueError(f"topk_idx.shape[1] (k) must lie in [1, {E}] (E = A.shape[0]), got {k}")
+    _check_tensor("topk_w", topk_w, ndim=2, dtypes=_FLOAT_DTYPES, device=dev)
+    _check_shape("topk_w", topk_w, (T, k), "same as topk_idx")
+    if base_weight is not None:
+        _check_tensor("base_weight", base_weight, ndim=2, dtypes=_FLOAT_DTYPES, device=dev)
+        _check_shape("base_weight", base_weight, (d_out, d_in), "(d_out, d_in) with d_out = B.shape[2]")
+        if base_weight.requires_grad:
+            raise ValueError("base_weight must be frozen (requires_grad=False): the base linear is not trained")
+    if base_bias is not None:
+        _check_tensor("base_bias", base_bias, ndim=1, dtypes=_FLOAT_DTYPES, device=dev)
+        _check_shape("base_bias", base_bias, (d_out,), "(d_out,)")
+        if base_bias.requires_grad:
+            raise ValueError("base_bias must be frozen (requires_grad=False): the base linear is not trained")
+    bias_a = bias_b = None
+    if expert_bias is not None:
+        if not isinstance(expert_bias, (tuple, list)) or len(expert_bias) != 2:
+            raise TypeError(f"expert_bias must be a pair (bias_a (E, r) | None, bias_b (E, d_out) | None), got {expert_bias!r}")
+        bias_a, bias_b = expert_bias
+        if bias_a is not None:
+            _check_tensor("expert_bias[0]", bias_a, ndim=2, dtypes=_FLOAT_DTYPES, device=dev)
+            _check_shape("expert_bias[0]", bias_a, (E, r), "(E, r)")
+        if bias_b is not None:
+            _check_tensor("expert_bias[1]", bias_b, ndim=2, dtypes=_FLOAT_DTYPES, device=dev)
+            _check_shape("expert_bias[1]", bias_b, (E, d_out), "(E, d_out)")
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)):
+        raise TypeError(f"scale must be a float, got {type(scale).__name__}")
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+    _check_index_range("topk_idx", topk_idx, E, "E = A.shape[0]")
+    request = OpRequest("moe_lora", dev, x.dtype, activation)
+    impl = select_backend(request, backend)
+    return impl("moe_lora", x, A, B, topk_idx, topk_w, base_weight, base_bias, float(scale), activation, bias_a, bias_b)
+
+
+# --------------------------------------------------------------------------------------------- subspace
+def subspace_basis(M: torch.Tensor, energy: float = 0.95, *, max_rank: int | None = None) -> torch.Tensor:
+    """Orthonormal basis U (d, m) of the columns of M (d, n), keeping `energy` of the squared singular values.
+
+    GPM's criterion: m is the smallest count with sum_{i<m} s_i^2 >= energy * sum_i s_i^2. m = 0 for an empty
+    or zero M. Computed by SVD in fp64 (once per task, not on the hot path); returned in M.dtype.
+    """
+    _check_tensor("M", M, ndim=2, dtypes=_FLOAT_DTYPES)
+    if not isinstance(energy, (int, float)) or not 0.0 < energy <= 1.0:
+        raise ValueError(f"energy must be a float in (0, 1], got {energy!r}")
+    if max_rank is not None and (not isinstance(max_rank, int) or max_rank < 0):
+        raise ValueError(f"max_rank must be an int >= 0 or None, got {max_rank!r}")
+    return subspace_basis_ref(M, float(energy), max_rank)
+
+
+def _check_basis_pairs(mats_name: str, mats: Sequence[torch.Tensor], bases: Sequence[torch.Tensor]) -> None:
+    if not isinstance(mats, (list, tuple)) or not isinstance(bases, (list, tuple)):
+        raise TypeError(f"{mats_name} and bases must be lists of tensors, got {type(mats).__name__}, "
+                        f"{type(bases).__name__}")
+    if len(mats) != len(bases):
+        raise ValueError(f"{mats_name} and bases must have the same length, got {len(mats)} and {len(bases)}")
+    if not mats:
+        raise ValueError(f"{mats_name} must hold at least one tensor, got an empty list")
+    dev = mats[0].device if isinstance(mats[0], torch.Tensor) else None
+    for i, (M, U) in enumerate(zip(mats, bases)):
+        _check_tensor(f"{mats_name}[{i}]", M, dtypes=_FLOAT_DTYPES, device=dev)
+        if M.dim() < 2:
+            raise ValueError(f"{mats_name}[{i}] must have shape (..., d, n), got {tuple(M.shape)}")
+        _check_tensor(f"bases[{i}]", U, ndim=2, dtypes=_FLOAT_DTYPES, device=dev)
+        if U.shape[0] != M.shape[-2]:
+            raise ValueError(f"bases[{i}] must have shape ({M.shape[-2]}, m) (d = {mats_name}[{i}].shape[-2]), "
+                             f"got {tuple(U.shape)}")
+
+
+def project_out(M: torch.Tensor, U: torch.Tensor) -> torch.Tensor:
+    """M - U (U^T M): the part of M (..., d, n) orthogonal to the span of U (d, m)."""
+    _check_basis_pairs("M", [M], [U])
+    return project_out_ref(M, U)
+
+
+def subspace_penalty(
+    mats: Sequence[torch.Tensor],
+    bases: Sequence[torch.Tensor],
+    lam: float,
+    *,
+    backend: BackendName = "auto",
+) -> torch.Tensor:
+    """R = lam * sum_i ||(I - U_i U_i^T) M_i||_F^2 over all candidate matrices of all layers.
+
+    Args:
+        mats: list of (..., d_i, n_i) matrices (A_c as (C, d_in, r); B_c^T as (C, d_out, r)).
+        bases: list of (d_i, m_i) orthonormal bases (m_i may be 0: no constraint).
+        lam: the regularization weight.
+    Returns: a scalar in fp32 (fp64 for fp64 inputs), differentiable in every M_i (d/dM = 2 lam (I - UU^T) M).
+    """
+    _check_basis_pairs("mats", mats, bases)
+    if not isinstance(lam, (int, float)) or isinstance(lam, bool):
+        raise TypeError(f"lam must be a float, got {type(lam).__name__}")
+    request = OpRequest("subspace_penalty", mats[0].device, mats[0].dtype)
+    return select_backend(request, backend)("subspace_penalty", list(mats), list(bases), float(lam))
+
+
+def project_grad_(
+    grads: Sequence[torch.Tensor],
+    bases: Sequence[torch.Tensor],
+    *,
+    backend: BackendName = "auto",
+) -> None:
+    """In place, for every i: G_i <- G_i - U_i (U_i^T G_i) (phase-2 orthogonal projection of all layers).
+
+    Args:
+        grads: list of (..., d_i, n_i) tensors, written in place (a transposed view writes through).
+        bases: list of (d_i, m_i) orthonormal bases.
+    """
+    _check_basis_pairs("grads", grads, bases)
+    request = OpRequest("project_grad", grads[0].device, grads[0].dtype)
+    select_backend(request, backend)("project_grad", list(grads), list(bases))
