@@ -18,11 +18,29 @@ from igsp_kernels.functional import (
     subspace_basis,
     subspace_penalty,
 )
+from igsp_kernels.modules import (
+    MoELoRALinear,
+    TaskRouter,
+    add_router,
+    count_parameters,
+    inject_moe_lora,
+    moe_lora_layers,
+    set_sample_tasks,
+    set_task,
+)
 
 __version__ = "0.1.0"
 
 __all__ = [
     "BackendNotSupportedError",
+    "MoELoRALinear",
+    "TaskRouter",
+    "add_router",
+    "count_parameters",
+    "inject_moe_lora",
+    "moe_lora_layers",
+    "set_sample_tasks",
+    "set_task",
     "OpRequest",
     "available_backends",
     "expand_sample_routing",
