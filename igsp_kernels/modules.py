@@ -213,6 +213,17 @@ class MoELoRALinear(nn.Module):
     def device(self) -> torch.device:
         return self.A_train.device
 
+    # nn.Linear's attributes, so code that reads `layer.weight` (open_clip's cast-dtype probe, say) still works.
+    @property
+    def weight(self) -> torch.Tensor:
+        if self.base_layer is None:
+            raise AttributeError("this MoELoRALinear has no base layer (parallel adapter), hence no .weight")
+        return self.base_layer.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return None if self.base_layer is None else self.base_layer.bias
+
     @property
     def num_frozen(self) -> int:
         return self.A_frozen.shape[0]

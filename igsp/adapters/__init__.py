@@ -1,0 +1,265 @@
+"""Injection of MoE-LoRA adapters into open_clip CLIP models (STYLE I1: inject, never fork the model).
+
+Targets per residual block of the chosen towers:
+- "mlp.c_fc", "mlp.c_proj": the MLP linears, wrapped by `MoELoRALinear` around the frozen linear.
+- "attn.out_proj": `nn.MultiheadAttention` reads `out_proj.weight` directly inside
+  `F.multi_head_attention_forward` and never calls `out_proj`, so wrapping `out_proj` alone would be silently
+  dead. The whole attention module is replaced by `AdaptedMultiheadAttention`, the same computation
+  (in-projection, scaled dot-product attention, out-projection) that *calls* the wrapped out-projection.
+- "mlp_parallel": MoE-Adapters' placement, an adapter beside the MLP (no base weight): mlp(x) + adapter(x),
+  with x the MLP input (after ln_2).
+
+Routing reads the first token of each sample in the vision tower (the class token). In the text tower the
+first token is the start-of-text token, and under the causal mask its hidden state is identical for every
+prompt, so per-sample routing there defaults to the token mean (`text_route_token`).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from igsp_kernels import MoELoRALinear, moe_lora_layers
+from igsp_kernels.reference.moe_lora import ACTIVATIONS
+
+__all__ = [
+    "TARGETS",
+    "TOWERS",
+    "AdaptedMultiheadAttention",
+    "AdapterConfig",
+    "ParallelAdapter",
+    "adapter_layers",
+    "inject",
+]
+
+logger = logging.getLogger(__name__)
+
+TARGETS = ("mlp.c_fc", "mlp.c_proj", "attn.out_proj", "mlp_parallel")
+TOWERS = ("visual", "text")
+
+
+@dataclass
+class AdapterConfig:
+    """Where adapters go and what each MoE-LoRA layer looks like."""
+
+    targets: list[str] = field(default_factory=lambda: ["mlp.c_fc", "mlp.c_proj"],
+                               metadata={"help": f"module kinds to adapt, any of {TARGETS}"})
+    towers: list[str] = field(default_factory=lambda: ["visual", "text"], metadata={"help": f"any of {TOWERS}"})
+    num_experts: int = field(default=0, metadata={"help": "initial experts per layer (igsp adds candidates per task)"})
+    rank: int = 16
+    top_k: int = 2
+    scale: float = 1.0
+    activation: str = field(default="identity", metadata={"help": f"one of {ACTIVATIONS}"})
+    expert_bias: bool = False
+    routing: str = field(default="sample", metadata={"help": "'sample' (MoE-Adapters) or 'token'"})
+    route_token: str = field(default="first", metadata={"help": "vision tower route vector: 'first' or 'mean'"})
+    text_route_token: str = field(default="mean", metadata={"help": "text tower route vector: 'first' or 'mean'"})
+    noise_std: float = 0.0
+    router_init_std: float = 0.02
+    backend: str = field(default="auto", metadata={"help": "igsp_kernels backend: auto, reference, triton, cpp"})
+
+    def __post_init__(self) -> None:
+        def bad(name: str, value: Any, allowed: str) -> ValueError:
+            return ValueError(f"adapters.{name}: got {value!r}, expected {allowed}")
+
+        if not isinstance(self.targets, (list, tuple)) or not self.targets or any(t not in TARGETS for t in self.targets):
+            raise bad("targets", self.targets, f"a non-empty list of {list(TARGETS)}")
+        if "mlp_parallel" in self.targets and {"mlp.c_fc", "mlp.c_proj"} & set(self.targets):
+            raise bad("targets", self.targets, "either 'mlp_parallel' or the MLP linears, not both")
+        if not isinstance(self.towers, (list, tuple)) or not self.towers or any(t not in TOWERS for t in self.towers):
+            raise bad("towers", self.towers, f"a non-empty list of {list(TOWERS)}")
+        for name in ("num_experts", "rank", "top_k"):
+            value = getattr(self, name)
+            low = 0 if name == "num_experts" else 1
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise bad(name, value, f"an int >= {low}")
+        if self.num_experts and self.top_k > self.num_experts:
+            raise bad("top_k", self.top_k, f"<= num_experts ({self.num_experts})")
+        if self.activation not in ACTIVATIONS:
+            raise bad("activation", self.activation, f"one of {list(ACTIVATIONS)}")
+        if self.routing not in ("sample", "token"):
+            raise bad("routing", self.routing, "'sample' or 'token'")
+        for name in ("route_token", "text_route_token"):
+            if getattr(self, name) not in ("first", "mean"):
+                raise bad(name, getattr(self, name), "'first' or 'mean'")
+        if self.backend not in ("auto", "reference", "triton", "cpp"):
+            raise bad("backend", self.backend, "one of ['auto', 'reference', 'triton', 'cpp']")
+        for name in ("scale", "noise_std", "router_init_std"):
+            if isinstance(getattr(self, name), bool) or not isinstance(getattr(self, name), (int, float)):
+                raise bad(name, getattr(self, name), "a number")
+        if self.noise_std < 0 or self.router_init_std < 0:
+            raise bad("noise_std/router_init_std", (self.noise_std, self.router_init_std), "numbers >= 0")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> AdapterConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"adapters: unknown field(s) {unknown}; allowed: {sorted(known)}")
+        return cls(**data)
+
+    def layer_kwargs(self, tower: str) -> dict[str, Any]:
+        """Keyword arguments of `MoELoRALinear` for a layer of `tower`."""
+        return dict(
+            num_experts=self.num_experts, rank=self.rank, top_k=self.top_k, scale=self.scale,
+            activation=self.activation, expert_bias=self.expert_bias, routing=self.routing,
+            route_token=self.text_route_token if tower == "text" else self.route_token,
+            noise_std=self.noise_std, router_init_std=self.router_init_std, backend=self.backend,
+        )
+
+
+class AdaptedMultiheadAttention(nn.Module):
+    """`nn.MultiheadAttention`'s forward with a callable (adapted) out-projection.
+
+    Same arguments and result as `nn.MultiheadAttention.forward` for self- and cross-attention with a shared
+    embedding size; `need_weights=True` is refused (the fused attention never forms the weights).
+    """
+
+    def __init__(self, mha: nn.MultiheadAttention, out_proj: nn.Module) -> None:
+        super().__init__()
+        if not mha._qkv_same_embed_dim or mha.in_proj_weight is None:
+            raise ValueError("AdaptedMultiheadAttention needs an nn.MultiheadAttention with a packed in_proj_weight")
+        if mha.bias_k is not None or mha.add_zero_attn:
+            raise ValueError("AdaptedMultiheadAttention does not support add_bias_kv or add_zero_attn")
+        self.embed_dim = mha.embed_dim
+        self.num_heads = mha.num_heads
+        self.head_dim = mha.embed_dim // mha.num_heads
+        self.batch_first = mha.batch_first
+        self.dropout = mha.dropout
+        self.in_proj_weight = mha.in_proj_weight
+        self.in_proj_bias = mha.in_proj_bias
+        self.out_proj = out_proj
+
+    def forward(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        key_padding_mask: torch.Tensor | None = None,
+        need_weights: bool = True,
+        attn_mask: torch.Tensor | None = None,
+        average_attn_weights: bool = True,
+        is_causal: bool = False,
+    ) -> tuple[torch.Tensor, None]:
+        if need_weights:
+            raise ValueError("AdaptedMultiheadAttention computes no attention weights: call it with need_weights=False")
+        if not self.batch_first:
+            query, key, value = (t.transpose(0, 1) for t in (query, key, value))
+        Bn, L, d = query.shape
+        S = key.shape[1]
+        w_q, w_k, w_v = self.in_proj_weight.chunk(3)
+        b_q, b_k, b_v = self.in_proj_bias.chunk(3) if self.in_proj_bias is not None else (None, None, None)
+        q = F.linear(query, w_q, b_q)
+        k = F.linear(key, w_k, b_k)
+        v = F.linear(value, w_v, b_v)
+        h, dh = self.num_heads, self.head_dim
+        q, k, v = (t.reshape(Bn, -1, h, dh).transpose(1, 2) for t in (q, k, v))
+        mask = None
+        if attn_mask is not None:
+            # MHA: a bool True means "may not attend"; SDPA: True means "may attend". Float masks are additive.
+            mask = ~attn_mask if attn_mask.dtype == torch.bool else attn_mask.to(q.dtype)
+            if mask.dim() == 3:  # (B * h, L, S)
+                mask = mask.reshape(Bn, h, L, S)
+        if key_padding_mask is not None:
+            kpm = key_padding_mask.reshape(Bn, 1, 1, S)
+            kpm = ~kpm if kpm.dtype == torch.bool else kpm.to(q.dtype)
+            if mask is None:
+                mask = kpm
+            elif mask.dtype == torch.bool and kpm.dtype == torch.bool:
+                mask = mask & kpm
+            else:
+                to_add = lambda m: m if m.dtype != torch.bool else torch.zeros_like(m, dtype=q.dtype).masked_fill(~m, float("-inf"))
+                mask = to_add(mask) + to_add(kpm)
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0,
+            is_causal=is_causal and mask is None,
+        )
+        out = self.out_proj(out.transpose(1, 2).reshape(Bn, L, d))
+        if not self.batch_first:
+            out = out.transpose(0, 1)
+        return out, None
+
+
+class ParallelAdapter(nn.Module):
+    """MoE-Adapters' placement: mlp(x) + adapter(x), the adapter a base-less MoE-LoRA layer beside the MLP."""
+
+    def __init__(self, mlp: nn.Module, adapter: MoELoRALinear) -> None:
+        super().__init__()
+        self.mlp = mlp
+        self.adapter = adapter
+
+    def __getattr__(self, name: str) -> Any:
+        # open_clip reads block.mlp.c_fc (its cast-dtype probe): resolve MLP children through the wrapper.
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(super().__getattr__("mlp"), name)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.mlp(x) + self.adapter(x)
+
+
+def _blocks(model: nn.Module, tower: str) -> list[tuple[str, nn.Module]]:
+    """The residual attention blocks of a CLIP tower, by name (open_clip: visual.transformer / transformer)."""
+    found = []
+    for name, module in model.named_modules():
+        in_visual = name.startswith("visual.")
+        if (tower == "visual") != in_visual:
+            continue
+        if hasattr(module, "mlp") and hasattr(module, "attn") and hasattr(module, "ln_2"):
+            found.append((name, module))
+    return found
+
+
+def inject(model: nn.Module, config: AdapterConfig) -> list[str]:
+    """Freeze `model` and wrap the configured targets of every block of the configured towers.
+
+    Returns the qualified names of the adapted modules (for "attn.out_proj" the wrapped out-projection, for
+    "mlp_parallel" the adapter). Raises ValueError if a tower has no residual blocks.
+    """
+    if not isinstance(config, AdapterConfig):
+        raise TypeError(f"config must be an AdapterConfig, got {type(config).__name__}")
+    model.requires_grad_(False)
+    wrapped: list[str] = []
+    for tower in config.towers:
+        blocks = _blocks(model, tower)
+        if not blocks:
+            raise ValueError(f"adapters.towers names {tower!r} but the model has no residual blocks there "
+                             f"(expected open_clip 'visual.transformer.resblocks.*' / 'transformer.resblocks.*')")
+        kwargs = config.layer_kwargs(tower)
+        for name, block in blocks:
+            for target in config.targets:
+                if target in ("mlp.c_fc", "mlp.c_proj"):
+                    child = target.split(".")[1]
+                    linear = getattr(block.mlp, child)
+                    setattr(block.mlp, child, MoELoRALinear.from_linear(linear, **kwargs))
+                    wrapped.append(f"{name}.{target}")
+                elif target == "attn.out_proj":
+                    attn = block.attn
+                    if not isinstance(attn, nn.MultiheadAttention):
+                        raise ValueError(f"{name}.attn is {type(attn).__name__}, expected nn.MultiheadAttention")
+                    out = MoELoRALinear.from_linear(attn.out_proj, **kwargs)
+                    block.attn = AdaptedMultiheadAttention(attn, out)
+                    wrapped.append(f"{name}.attn.out_proj")
+                else:  # mlp_parallel
+                    width = block.ln_2.normalized_shape[0]
+                    device = next(block.parameters()).device
+                    adapter = MoELoRALinear(width, width, device=device, **kwargs)
+                    block.mlp = ParallelAdapter(block.mlp, adapter)
+                    wrapped.append(f"{name}.mlp.adapter")
+    logger.info("injected %d MoE-LoRA layers (%s) into %s", len(wrapped), ", ".join(config.targets),
+                ", ".join(config.towers))
+    return wrapped
+
+
+def adapter_layers(model: nn.Module) -> list[tuple[str, MoELoRALinear]]:
+    """Every MoE-LoRA layer of `model`, in module order (stable across runs of the same config)."""
+    return list(moe_lora_layers(model))
