@@ -46,7 +46,9 @@ def get_extensions() -> tuple[list, dict]:
     ext = CppExtension(
         name="igsp_kernels._C",
         sources=sources,
-        extra_compile_args={"cxx": ["-O3", "-fopenmp", "-std=c++17"]},
+        # No -std flag: BuildExtension adds the standard this torch's headers need (C++17 up to torch 2.9,
+        # C++20 after; a hard-coded -std=c++17 fails against torch 2.14's ATen.h).
+        extra_compile_args={"cxx": ["-O3", "-fopenmp"]},
         extra_link_args=["-fopenmp"],
     )
     return [ext], {"build_ext": BuildExtension.with_options(no_python_abi_suffix=True)}
@@ -64,7 +66,7 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["igsp_kernels", "igsp_kernels.*", "igsp", "igsp.*"]),
-    package_data={"igsp": ["configs/*.json"]},
+    package_data={"igsp": ["configs/*.json", "model_configs/*.json"]},
     install_requires=[
         "torch>=2.4",
         "triton>=3.0; platform_system == 'Linux'",

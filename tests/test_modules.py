@@ -1,0 +1,234 @@
+"""MoELoRALinear and inject_moe_lora on plain torch models (no open_clip)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import igsp_kernels as ik
+from igsp_kernels import MoELoRALinear
+
+
+def layer(E=4, k=2, **kw):
+    torch.manual_seed(0)
+    m = MoELoRALinear.from_linear(nn.Linear(10, 7), num_experts=E, rank=3, top_k=k, scale=0.5, **kw)
+    m.add_router("t0")
+    m.set_task("t0")
+    with torch.no_grad():
+        m.B_train.normal_()
+    return m
+
+
+def test_one_expert_k1_equals_plain_lora():
+    m = layer(E=1, k=1)
+    x = torch.randn(2, 5, 10)
+    want = m.base_layer(x) + 0.5 * (x @ m.A_train[0]) @ m.B_train[0]
+    torch.testing.assert_close(m(x), want)
+
+
+def test_zero_init_experts_leave_output_unchanged():
+    base = nn.Linear(10, 7)
+    m = MoELoRALinear.from_linear(base, num_experts=3, rank=4, top_k=2)
+    m.add_router(0)
+    m.set_task(0)
+    x = torch.randn(3, 10)
+    torch.testing.assert_close(m(x), base(x))
+
+
+def test_per_sample_routing_shares_experts_across_tokens():
+    m = layer()
+    x = torch.randn(3, 6, 10)
+    y = m(x)
+    # Recompute sample 1 alone, routed on its first token, with every token forced to that routing.
+    logits = m.routers["t0"](x[1, :1])
+    idx, w, _ = ik.route_topk(logits, 2)
+    A, B, _ = m.expert_weights()
+    want = ik.moe_lora(x[1], A, B, idx.expand(6, 2), w.expand(6, 2), base_weight=m.base_layer.weight,
+                       base_bias=m.base_layer.bias, scale=0.5)
+    torch.testing.assert_close(y[1], want)
+
+
+def test_seq_first_layout_matches_batch_first():
+    m = layer()
+    x = torch.randn(3, 6, 10)
+    y_bf = m(x)
+    m.batch_first = False
+    torch.testing.assert_close(m(x.transpose(0, 1)).transpose(0, 1), y_bf)
+
+
+def test_per_token_routing_routes_each_row():
+    m = layer(routing="token")
+    x = torch.randn(2, 4, 10)
+    y = m(x)
+    rows = x.reshape(-1, 10)
+    idx, w, _ = ik.route_topk(m.routers["t0"](rows), 2)
+    A, B, _ = m.expert_weights()
+    want = ik.moe_lora(rows, A, B, idx, w, base_weight=m.base_layer.weight, base_bias=m.base_layer.bias, scale=0.5)
+    torch.testing.assert_close(y.reshape(-1, 7), want)
+
+
+def test_freeze_moves_experts_and_keeps_outputs():
+    m = layer(E=4)
+    x = torch.randn(3, 5, 10)
+    before = m(x)
+    new_ids = m.freeze_experts([2])
+    assert new_ids == [0] and m.num_frozen == 1 and m.num_trainable == 3
+    assert not m.A_frozen.requires_grad and m.A_train.requires_grad
+    torch.testing.assert_close(m(x), before)  # routers were permuted with the experts
+
+
+def test_remove_experts_frees_parameters_and_are_never_chosen():
+    m = layer(E=5)
+    m.remove_experts([1, 3])
+    assert m.num_experts == 3 and m.A_train.shape == (3, 10, 3)
+    assert m.routers["t0"].weight.shape == (3, 10)
+    m.train()
+    m(torch.randn(20, 4, 10))
+    assert m.usage_weight.shape == (3,)
+    with pytest.raises(IndexError, match=r"ids must lie in \[0, 3\) \(the expert pool\), got \[3\]"):
+        m.remove_experts([3])
+
+
+def test_new_experts_active_only_in_named_router():
+    m = layer(E=2)
+    m.add_router("t1")
+    ids = m.add_experts(2, active_in=["t1"])
+    assert ids == [2, 3]
+    assert m.routers["t0"].active.tolist() == [True, True, False, False]
+    assert m.routers["t1"].active.tolist() == [True, True, True, True]
+    m.set_task("t0")
+    m.train()
+    m(torch.randn(30, 3, 10))
+    assert m.usage_weight[2:].sum() == 0  # t0 never routes to t1's experts
+
+
+def test_usage_is_recorded_on_device_in_training_only():
+    m = layer()
+    m.eval()
+    m(torch.randn(4, 3, 10))
+    assert m.usage_rows.item() == 0
+    m.train()
+    m(torch.randn(4, 3, 10))
+    assert m.usage_rows.item() == 4  # per-sample routing: one routed row per sample
+    torch.testing.assert_close(m.usage().sum(), torch.tensor(1.0))
+
+
+def test_sample_tasks_route_each_sample_with_its_router_and_minus_one_is_off():
+    m = layer()
+    m.add_router("t1")
+    with torch.no_grad():
+        m.routers["t1"].weight.normal_()
+    x = torch.randn(3, 4, 10)
+    m.set_task("t0")
+    y0 = m(x)
+    m.set_task("t1")
+    y1 = m(x)
+    m.set_sample_tasks(torch.tensor([1, -1, 0]))
+    y = m(x)
+    torch.testing.assert_close(y[0], y1[0])
+    torch.testing.assert_close(y[1], m.base_layer(x[1]))
+    torch.testing.assert_close(y[2], y0[2])
+    with pytest.raises(IndexError, match=r"task_ids must lie in \[-1, 2\)"):
+        m.set_sample_tasks(torch.tensor([2]))
+
+
+def test_state_dict_round_trip_into_fresh_layer():
+    m = layer(E=3)
+    m.freeze_experts([0])
+    m.add_router("t1")
+    m.add_experts(1, active_in=["t1"])
+    fresh = MoELoRALinear.from_linear(nn.Linear(10, 7), rank=3, top_k=2, scale=0.5)
+    fresh.load_state_dict(m.state_dict())
+    x = torch.randn(2, 3, 10)
+    for task in ("t0", "t1"):
+        m.set_task(task)
+        fresh.set_task(task)
+        torch.testing.assert_close(fresh(x), m(x))
+
+
+def test_historical_experts_bitwise_unchanged_by_adamw():
+    m = layer(E=3)
+    m.freeze_experts([0, 1])
+    frozen = m.A_frozen.detach().clone(), m.B_frozen.detach().clone()
+    opt = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.1)
+    m.train()
+    for _ in range(3):
+        opt.zero_grad()
+        m(torch.randn(4, 3, 10)).square().mean().backward()
+        opt.step()
+    assert torch.equal(m.A_frozen, frozen[0]) and torch.equal(m.B_frozen, frozen[1])
+
+
+def test_parallel_adapter_form_has_no_base():
+    m = MoELoRALinear(6, 6, num_experts=2, rank=2, top_k=1, activation="relu", expert_bias=True)
+    m.add_router(0)
+    m.set_task(0)
+    with torch.no_grad():
+        m.B_train.normal_()
+        m.bb_train.normal_()
+    y = m(torch.randn(3, 6))
+    assert y.abs().sum() > 0
+    m.set_task(None)
+    assert m(torch.randn(3, 6)).abs().sum() == 0
+    with pytest.raises(AttributeError, match="weight"):
+        m.weight
+
+
+@pytest.mark.parametrize("kwargs,pattern", [
+    (dict(rank=0), r"rank must be an int >= 1, got 0"),
+    (dict(activation="tanh"), r"activation must be one of"),
+    (dict(routing="batch"), r"routing must be 'sample' or 'token', got 'batch'"),
+    (dict(num_experts=-1), r"num_experts must be an int >= 0, got -1"),
+])
+def test_constructor_validates(kwargs, pattern):
+    with pytest.raises(ValueError, match=pattern):
+        MoELoRALinear(4, 4, **kwargs)
+
+
+def test_task_errors_name_the_routers():
+    m = layer()
+    with pytest.raises(ValueError, match=r"task 'nope' has no router; routers: \['t0'\]"):
+        m.set_task("nope")
+    with pytest.raises(ValueError, match=r"task 't0' already has a router"):
+        m.add_router("t0")
+    with pytest.raises(ValueError, match=r"input must have shape \(\.\.\., 10\), got \(2, 9\)"):
+        m(torch.randn(2, 9))
+
+
+class TinyNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.encoder = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 8))
+        self.head = nn.Linear(8, 3)
+
+
+# (name, target_modules, expected wrapped names): suffix lists and regexes (STYLE G10).
+INJECTION_CASES = [
+    ("suffix-list", ["head"], ["head"]),
+    ("suffix-index", ["0", "2"], ["encoder.0", "encoder.2"]),
+    ("regex", r"encoder\.[02]", ["encoder.0", "encoder.2"]),
+]
+
+
+@pytest.mark.parametrize("name,targets,expected", INJECTION_CASES, ids=[c[0] for c in INJECTION_CASES])
+def test_inject_moe_lora_on_plain_model(name, targets, expected):
+    net = TinyNet()
+    wrapped = ik.inject_moe_lora(net, targets, num_experts=2, rank=2, top_k=1)
+    assert wrapped == expected
+    trainable = {n for n, p in net.named_parameters() if p.requires_grad}
+    assert trainable and all(".A_train" in n or ".B_train" in n or ".routers." in n for n in trainable)
+    ik.add_router(net, 0)
+    ik.set_task(net, 0)
+    x = torch.randn(5, 8)
+    out = net.head(net.encoder(x))
+    out.sum().backward()
+    assert all(net.get_submodule(n).A_train.grad is not None for n in wrapped) or all(
+        net.get_submodule(n).B_train.grad is not None for n in wrapped)
+
+
+def test_inject_moe_lora_errors():
+    with pytest.raises(ValueError, match=r"matched no module; nn.Linear names include \['encoder.0'"):
+        ik.inject_moe_lora(TinyNet(), ["decoder"])
+    with pytest.raises(ValueError, match=r"matched modules that are not nn.Linear: \['encoder \(Sequential\)'\]"):
+        ik.inject_moe_lora(TinyNet(), ["encoder"])
