@@ -23,9 +23,10 @@ $(STAMP): setup.py pyproject.toml $(wildcard csrc/cpu/*.cpp csrc/cpu/*/*.cpp csr
 
 # The whole CPU suite: reference, modules, C++ extension, trainer, data; then the Triton kernels under the
 # interpreter in their own process (TRITON_INTERPRET must be set before triton kernels are imported).
+# pytest exits 5 when a marker selects nothing; that is not a failure of the interpreter run.
 test: install
 	$(PY) -m pytest -q -n 2 -m "not interpret and not gpu" tests
-	TRITON_INTERPRET=1 $(PY) -m pytest -q -n 2 -m "interpret" tests
+	TRITON_INTERPRET=1 $(PY) -m pytest -q -n 2 -m "interpret" tests || test $$? -eq 5
 
 test-fast: install
 	$(PY) -m pytest -q -x -m "not interpret and not gpu and not slow" tests
