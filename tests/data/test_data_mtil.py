@@ -201,6 +201,7 @@ def test_partial_class_count_is_logged(fake_mtil, caplog):
 
 
 def test_bad_arguments(fake_mtil):
+    # unknown name, split, non-callable transform, zero shots: each refused naming the argument
     root, _ = fake_mtil
     with pytest.raises(KeyError, match="unknown MTIL dataset"):
         build_dataset("imagenet", root, "train", None)
