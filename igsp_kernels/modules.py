@@ -88,8 +88,12 @@ class TaskRouter(nn.Module):
         """Keep/permute columns: new expert i = old expert order[i] (order[i] = -1: a new, inactive expert)."""
         with torch.no_grad():
             keep = order.clamp(min=0)
-            w = self.weight.detach()[keep].clone()
-            a = self.active[keep].clone()
+            if self.weight.shape[0]:
+                w = self.weight.detach()[keep].clone()
+                a = self.active[keep].clone()
+            else:  # a router made before any expert existed: every column is new
+                w = self.weight.new_zeros(order.shape[0], self.weight.shape[1])
+                a = torch.zeros(order.shape[0], dtype=torch.bool, device=self.active.device)
             fresh = order < 0
             w[fresh] = 0.0
             a[fresh] = False

@@ -232,3 +232,13 @@ def test_inject_moe_lora_errors():
         ik.inject_moe_lora(TinyNet(), ["decoder"])
     with pytest.raises(ValueError, match=r"matched modules that are not nn.Linear: \['encoder \(Sequential\)'\]"):
         ik.inject_moe_lora(TinyNet(), ["encoder"])
+
+
+def test_router_created_before_any_expert_gets_the_new_experts():
+    # The iGSP order on the first task: a router over an empty pool, then the candidates.
+    m = MoELoRALinear(4, 4, rank=2, top_k=1)
+    m.add_router("0")
+    m.set_task("0")
+    assert m.add_experts(2) == [0, 1]
+    assert m.routers["0"].active.tolist() == [True, True]
+    assert m(torch.randn(3, 4)).shape == (3, 4)

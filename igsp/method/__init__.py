@@ -1,0 +1,37 @@
+"""The iGSP method (METHOD.md section 3): historical subspaces, the phase-1 regularizer, router convergence,
+pruning, and the phase-2 orthogonal projection. Each function takes the adapter layers as a list of
+(name, igsp_kernels.MoELoRALinear) pairs (igsp.adapters.adapter_layers(model)). Our choices where METHOD.md is
+silent are recorded in docs/method.md.
+"""
+
+from igsp.method.convergence import RouterConvergence, total_variation
+from igsp.method.pruning import expert_grad_norms, prune_candidates, prune_rank_components, usage_shares
+from igsp.method.subspace import (
+    LayerBasis,
+    OrthogonalProjector,
+    candidate_mats,
+    compute_bases,
+    orthogonality_error,
+    out_of_subspace_norms,
+    project_candidates_,
+    snapshot_candidates,
+    subspace_regularizer,
+)
+
+__all__ = [
+    "LayerBasis",
+    "OrthogonalProjector",
+    "RouterConvergence",
+    "candidate_mats",
+    "compute_bases",
+    "expert_grad_norms",
+    "orthogonality_error",
+    "out_of_subspace_norms",
+    "project_candidates_",
+    "prune_candidates",
+    "prune_rank_components",
+    "snapshot_candidates",
+    "subspace_regularizer",
+    "total_variation",
+    "usage_shares",
+]
