@@ -41,7 +41,13 @@ bench: install
 	$(PY) -m pytest benchmarks -m "not cpu_bench" --benchmark-json=benchmarks/results/bench.json
 
 bench-cpu: install
+	mkdir -p benchmarks/results
 	$(PY) -m pytest benchmarks/cpu -q --benchmark-json=benchmarks/results/cpu_bench.json
+	$(PY) benchmarks/cpu/report.py benchmarks/results/cpu_bench.json > benchmarks/results/cpu_bench.md
+
+# On a GPU machine (installs nothing; see benchmarks/README.md): compiled-kernel tests, benchmark table, throughput.
+gpu-suite:
+	bash benchmarks/gpu_suite.sh $(or $(OUT),benchmarks/results/gpu_suite)
 
 check: install
 	$(VENV)/bin/ruff check igsp_kernels igsp tests benchmarks setup.py
