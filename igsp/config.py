@@ -1,0 +1,492 @@
+"""Run configuration: nested dataclasses validated on load, JSON presets, `a.b=value` overrides.
+
+A run is described by one `Config` (model, adapters, method, data, train, output_dir). `load_config(name_or_path,
+overrides)` reads a preset from `igsp/configs/<name>.json` (or any JSON file, e.g. a run directory's
+`config.json`), applies the overrides and validates everything:
+
+- an unknown key is rejected by name, with the allowed keys of its section;
+- a wrong value raises `ConfigError` naming the field (`train.precision`), the value and what is allowed.
+
+Presets may start with `"extends": "<other preset>"`: the other preset is loaded first and this file's sections
+are merged into it key by key (one level of sections, lists replaced whole). The resolved config (no `extends`)
+is what a run saves as `RUN_DIR/config.json`, so a run directory always records exactly what ran.
+
+Override values are parsed as JSON when they parse (`train.lr=[1e-3,5e-4]`, `model.pretrained=null`,
+`train.iterations=20`), otherwise taken as the literal string (`data.kind=digits`); a list-valued field also
+accepts a comma-separated string (`data.tasks=digits,parity`).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import logging
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Union
+
+from igsp.adapters import AdapterConfig
+
+__all__ = [
+    "PRESET_DIR",
+    "Config",
+    "ConfigError",
+    "DataConfig",
+    "MethodConfig",
+    "ModelConfig",
+    "TrainConfig",
+    "apply_overrides",
+    "config_from_dict",
+    "list_presets",
+    "load_config",
+    "resolve_preset",
+    "save_config",
+]
+
+logger = logging.getLogger(__name__)
+
+PRESET_DIR = Path(__file__).parent / "configs"
+
+METHODS = ("igsp", "moe-adapters", "zeroshot")
+DATA_KINDS = ("mtil", "digits", "synthetic")
+PRECISIONS = ("auto", "fp32", "bf16")
+KERNELS = ("auto", "reference", "triton", "cpp")
+DEVICES = ("auto", "cpu", "cuda")
+
+
+class ConfigError(ValueError):
+    """A configuration value or key is invalid; the message names the field, the value and what is allowed."""
+
+
+def _bad(path: str, value: Any, allowed: str) -> ConfigError:
+    return ConfigError(f"{path}: got {value!r}; allowed: {allowed}")
+
+
+def _choice(path: str, value: Any, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise _bad(path, value, " | ".join(repr(a) for a in allowed))
+
+
+def _int_range(path: str, value: Any, low: int, high: int | None = None) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low or (high is not None and value > high):
+        raise _bad(path, value, f"an int in [{low}, {'inf' if high is None else high}]")
+
+
+def _float_range(path: str, value: Any, low: float, high: float | None = None, *, low_open: bool = False) -> None:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if ok:
+        ok = (value > low if low_open else value >= low) and (high is None or value <= high)
+    if not ok:
+        lo = "(" if low_open else "["
+        raise _bad(path, value, f"a number in {lo}{low}, {'inf' if high is None else high}]")
+
+
+# --------------------------------------------------------------------------------------------------- sections
+@dataclass
+class ModelConfig:
+    """The CLIP backbone (frozen)."""
+
+    name: str = field(default="ViT-B-16", metadata={"help": "open_clip model name, or 'igsp-tiny' (CPU tests)"})
+    pretrained: str | None = field(default="openai", metadata={
+        "help": "open_clip tag ('openai'), a local checkpoint path, or null (random init: tests, `igsp params`)"})
+    cache_dir: str | None = field(default=None, metadata={"help": "open_clip / Hugging Face cache directory"})
+
+    def validate(self, path: str = "model") -> None:
+        if not isinstance(self.name, str) or not self.name:
+            raise _bad(f"{path}.name", self.name, "a non-empty open_clip model name")
+
+
+@dataclass
+class MethodConfig:
+    """The continual-learning method and its hyperparameters (METHOD.md sections 3-4)."""
+
+    name: str = field(default="igsp", metadata={"help": f"one of {METHODS}"})
+    # iGSP phase 1 (METHOD.md section 3).
+    candidates: int = field(default=4, metadata={"help": "igsp: candidate experts C added per layer per task"})
+    lam: float = field(default=0.1, metadata={"help": "igsp: weight of the subspace regularizer (phase 1)"})
+    check_every: int = field(default=20, metadata={"help": "router convergence: steps per usage window"})
+    eps: float = field(default=0.05, metadata={"help": "router convergence: total-variation threshold"})
+    patience: int = field(default=3, metadata={"help": "router convergence: checks below eps in a row"})
+    min_steps: int = field(default=50, metadata={"help": "router convergence: earliest step phase 1 may end"})
+    max_fraction: float = field(default=0.5, metadata={"help": "phase 1 ends at the latest at this task fraction"})
+    tau: float = field(default=0.05, metadata={"help": "pruning: candidates with usage share < tau are removed"})
+    rank_energy: float | None = field(default=None, metadata={
+        "help": "pruning: also drop survivors' rank components outside this energy share (null = off)"})
+    min_keep: int = field(default=0, metadata={
+        "help": "pruning: candidates kept per layer at least (raised to top_k while a layer has no history)"})
+    energy: float = field(default=0.95, metadata={"help": "historical bases keep this share of squared s.v."})
+    # MoE-Adapters baseline (METHOD.md section 4).
+    freeze_per_task: int = field(default=2, metadata={
+        "help": "moe-adapters: most-used trainable experts per layer frozen after each task"})
+    # Task-agnostic deployment (METHOD.md section 3, last paragraph).
+    selector: str = field(default="prototypes", metadata={
+        "help": "'prototypes' (task-agnostic, the protocol) or 'oracle' (the evaluated dataset's own router "
+                "when trained, else zero-shot: a diagnostic upper bound)"})
+    selector_prototypes: int = field(default=5, metadata={"help": "k-means prototypes per task"})
+    selector_quantile: float = field(default=0.05, metadata={
+        "help": "zero-shot threshold: this quantile of the task's own training similarities"})
+    selector_max_samples: int | None = field(default=None, metadata={
+        "help": "training images per task used for prototypes (seeded subsample; null = all)"})
+
+    def validate(self, path: str = "method") -> None:
+        _choice(f"{path}.name", self.name, METHODS)
+        _int_range(f"{path}.candidates", self.candidates, 1)
+        _float_range(f"{path}.lam", self.lam, 0.0)
+        _int_range(f"{path}.check_every", self.check_every, 1)
+        _float_range(f"{path}.eps", self.eps, 0.0, 1.0, low_open=True)
+        _int_range(f"{path}.patience", self.patience, 1)
+        _int_range(f"{path}.min_steps", self.min_steps, 0)
+        _float_range(f"{path}.max_fraction", self.max_fraction, 0.0, 1.0, low_open=True)
+        _float_range(f"{path}.tau", self.tau, 0.0, 1.0)
+        if self.rank_energy is not None:
+            _float_range(f"{path}.rank_energy", self.rank_energy, 0.0, 1.0, low_open=True)
+        _int_range(f"{path}.min_keep", self.min_keep, 0)
+        _float_range(f"{path}.energy", self.energy, 0.0, 1.0, low_open=True)
+        _int_range(f"{path}.freeze_per_task", self.freeze_per_task, 0)
+        _choice(f"{path}.selector", self.selector, ("prototypes", "oracle"))
+        _int_range(f"{path}.selector_prototypes", self.selector_prototypes, 1)
+        _float_range(f"{path}.selector_quantile", self.selector_quantile, 0.0, 1.0)
+        if self.selector_max_samples is not None:
+            _int_range(f"{path}.selector_max_samples", self.selector_max_samples, 1)
+
+
+@dataclass
+class DataConfig:
+    """The task stream."""
+
+    kind: str = field(default="mtil", metadata={"help": f"one of {DATA_KINDS}"})
+    root: str | None = field(default=None, metadata={"help": "mtil: data root holding every dataset's folder"})
+    order: str = field(default="I", metadata={"help": "mtil: task order 'I' or 'II'"})
+    tasks: list[str] | None = field(default=None, metadata={
+        "help": "task names in stream order (null = the whole stream of `kind`/`order`)"})
+    few_shot: int | None = field(default=None, metadata={"help": "shots per class of each train split (null = full)"})
+    image_size: int = field(default=224, metadata={"help": "digits/synthetic render size (mtil: the model's)"})
+    seed: int = field(default=0, metadata={"help": "split / few-shot / rendering seed of the data"})
+    download: bool = field(default=False, metadata={"help": "mtil: let torchvision download missing datasets"})
+    num_tasks: int = field(default=3, metadata={"help": "synthetic: number of tasks"})
+    num_classes: int = field(default=4, metadata={"help": "synthetic: classes per task"})
+    samples_per_class: int = field(default=16, metadata={"help": "synthetic: items per class and split"})
+
+    def validate(self, path: str = "data") -> None:
+        _choice(f"{path}.kind", self.kind, DATA_KINDS)
+        _choice(f"{path}.order", self.order, ("I", "II"))
+        if self.tasks is not None and (not self.tasks or len(set(self.tasks)) != len(self.tasks)):
+            raise _bad(f"{path}.tasks", self.tasks, "null or a non-empty list of distinct task names")
+        if self.few_shot is not None:
+            _int_range(f"{path}.few_shot", self.few_shot, 1)
+        _int_range(f"{path}.image_size", self.image_size, 4)
+        _int_range(f"{path}.seed", self.seed, 0)
+        _int_range(f"{path}.num_tasks", self.num_tasks, 1)
+        _int_range(f"{path}.num_classes", self.num_classes, 1)
+        _int_range(f"{path}.samples_per_class", self.samples_per_class, 1)
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation, precision, logging and checkpointing (METHOD.md section 5 for the MTIL values)."""
+
+    iterations: int = field(default=1000, metadata={"help": "optimizer steps per task (both phases together)"})
+    batch_size: int = field(default=64, metadata={"help": "global batch size (split across DDP ranks)"})
+    lr: float | list[float] = field(default=1e-3, metadata={
+        "help": "learning rate, or one per task (a list at least as long as the stream)"})
+    warmup: int = field(default=100, metadata={"help": "linear warm-up steps, then cosine decay to 0"})
+    label_smoothing: float = 0.2
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay (MoE-Adapters: 0)"})
+    beta2: float = field(default=0.999, metadata={"help": "AdamW beta2"})
+    grad_clip: float | None = field(default=1.0, metadata={"help": "max global grad norm (null = off)"})
+    seed: int = 42
+    num_workers: int = field(default=4, metadata={"help": "DataLoader workers (0 = load in the main process)"})
+    precision: str = field(default="auto", metadata={"help": "auto (bf16 autocast on GPU, fp32 on CPU) | fp32 | bf16"})
+    kernels: str = field(default="auto", metadata={"help": "MoE-LoRA backend: auto | reference | triton | cpp"})
+    device: str = field(default="auto", metadata={"help": "auto | cpu | cuda"})
+    cpu_threads: int | None = field(default=None, metadata={
+        "help": "torch intra-op threads on CPU (null = torch's default); 1 is fastest for the tiny model"})
+    train_templates: str = field(default="first", metadata={
+        "help": "prompts of the training text features: 'first' template (MoE-Adapters) or 'all' (averaged)"})
+    eval_batch_size: int = 128
+    log_every: int = field(default=10, metadata={"help": "steps between 'step' log records"})
+    checkpoint_every: int = field(default=0, metadata={"help": "also checkpoint every N steps (0 = phase ends only)"})
+    checkpoint_keep: str = field(default="all", metadata={
+        "help": "'all' (task{i}_phase{p}.pt + latest.pt), 'latest' (latest.pt only) or 'none'"})
+
+    def validate(self, path: str = "train") -> None:
+        _int_range(f"{path}.iterations", self.iterations, 1)
+        _int_range(f"{path}.batch_size", self.batch_size, 1)
+        lrs = self.lr if isinstance(self.lr, list) else [self.lr]
+        if not lrs:
+            raise _bad(f"{path}.lr", self.lr, "a positive number or a non-empty list of them")
+        for i, lr in enumerate(lrs):
+            _float_range(f"{path}.lr" + (f"[{i}]" if isinstance(self.lr, list) else ""), lr, 0.0, low_open=True)
+        _int_range(f"{path}.warmup", self.warmup, 0)
+        _float_range(f"{path}.label_smoothing", self.label_smoothing, 0.0, 1.0)
+        _float_range(f"{path}.weight_decay", self.weight_decay, 0.0)
+        _float_range(f"{path}.beta2", self.beta2, 0.0, 1.0)
+        if self.grad_clip is not None:
+            _float_range(f"{path}.grad_clip", self.grad_clip, 0.0, low_open=True)
+        _int_range(f"{path}.seed", self.seed, 0)
+        _int_range(f"{path}.num_workers", self.num_workers, 0)
+        _choice(f"{path}.precision", self.precision, PRECISIONS)
+        _choice(f"{path}.kernels", self.kernels, KERNELS)
+        _choice(f"{path}.device", self.device, DEVICES)
+        if self.cpu_threads is not None:
+            _int_range(f"{path}.cpu_threads", self.cpu_threads, 1)
+        _choice(f"{path}.train_templates", self.train_templates, ("first", "all"))
+        _int_range(f"{path}.eval_batch_size", self.eval_batch_size, 1)
+        _int_range(f"{path}.log_every", self.log_every, 1)
+        _int_range(f"{path}.checkpoint_every", self.checkpoint_every, 0)
+        _choice(f"{path}.checkpoint_keep", self.checkpoint_keep, ("all", "latest", "none"))
+
+    def lr_for_task(self, task: int) -> float:
+        """The learning rate of task index `task` (ConfigError if the per-task list is too short)."""
+        if not isinstance(self.lr, list):
+            return float(self.lr)
+        if task >= len(self.lr):
+            raise _bad("train.lr", self.lr, f"a list of at least {task + 1} learning rates (one per task)")
+        return float(self.lr[task])
+
+
+@dataclass
+class Config:
+    """A whole run."""
+
+    name: str = field(default="run", metadata={"help": "run name (default output: runs/<name>-<timestamp>)"})
+    model: ModelConfig = field(default_factory=ModelConfig)
+    adapters: AdapterConfig = field(default_factory=AdapterConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    output_dir: str | None = field(default=None, metadata={"help": "run directory (null = runs/<name>-<time>)"})
+
+    def validate(self) -> None:
+        if not isinstance(self.name, str) or not self.name or "/" in self.name:
+            raise _bad("name", self.name, "a non-empty string without '/'")
+        self.model.validate("model")
+        self.method.validate("method")
+        self.data.validate("data")
+        self.train.validate("train")
+        if self.train.kernels != "auto" and self.adapters.backend not in ("auto", self.train.kernels):
+            raise _bad("adapters.backend", self.adapters.backend,
+                       f"'auto' or {self.train.kernels!r} (train.kernels={self.train.kernels!r} already picks it)")
+        if self.method.name == "moe-adapters" and self.adapters.num_experts < 1:
+            raise _bad("adapters.num_experts", self.adapters.num_experts,
+                       "an int >= 1 with method.name='moe-adapters' (a fixed pool, e.g. 22)")
+        if self.method.name == "igsp" and self.adapters.num_experts != 0:
+            raise _bad("adapters.num_experts", self.adapters.num_experts,
+                       "0 with method.name='igsp' (candidates come per task: method.candidates)")
+        if self.method.name == "igsp" and self.method.candidates < self.adapters.top_k:
+            raise _bad("method.candidates", self.method.candidates,
+                       f"an int >= adapters.top_k ({self.adapters.top_k}): the first task routes over candidates only")
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-ready dict (the resolved config)."""
+        return dataclasses.asdict(self)
+
+    @property
+    def effective_backend(self) -> str:
+        """The MoE-LoRA backend the run uses: train.kernels when set, else adapters.backend."""
+        return self.train.kernels if self.train.kernels != "auto" else self.adapters.backend
+
+
+_SECTIONS: dict[str, type] = {
+    "model": ModelConfig, "adapters": AdapterConfig, "method": MethodConfig, "data": DataConfig,
+    "train": TrainConfig,
+}
+
+
+# --------------------------------------------------------------------------------------------- type checking
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(path: str, value: Any, tp: Any) -> Any:
+    """Check `value` against the annotation `tp` (int, float, str, bool, None, list[...], unions, Literal)."""
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        # Try list alternatives last so that "a,b" for `str | list[str]` stays a string.
+        for arg in sorted((a for a in args if a is not type(None)), key=lambda a: typing.get_origin(a) is list):
+            try:
+                return _coerce(path, value, arg)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        allowed = " or ".join(_type_name(a) if a is not type(None) else "null" for a in args)
+        raise _bad(path, value, allowed)
+    if origin is Literal:
+        _choice(path, value, typing.get_args(tp))
+        return value
+    if origin is list:
+        (item_tp,) = typing.get_args(tp) or (Any,)
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, (list, tuple)):
+            raise _bad(path, value, f"a list of {_type_name(item_tp)}")
+        return [_coerce(f"{path}[{i}]", v, item_tp) for i, v in enumerate(value)]
+    if tp is Any:
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise _bad(path, value, "true or false")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            if isinstance(value, float) and value.is_integer():
+                return int(value)
+            raise _bad(path, value, "an int")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise _bad(path, value, "a number")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise _bad(path, value, "a string")
+        return value
+    if tp is type(None):
+        if value is not None:
+            raise _bad(path, value, "null")
+        return None
+    raise TypeError(f"{path}: unsupported annotation {tp!r} in the config schema")
+
+
+def _section_from_dict(cls: type, data: Any, path: str) -> Any:
+    if not isinstance(data, dict):
+        raise _bad(path, data, f"an object with keys {sorted(f.name for f in dataclasses.fields(cls))}")
+    hints = typing.get_type_hints(cls)
+    known = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(data) - set(known))
+    if unknown:
+        raise ConfigError(f"{path}: unknown key(s) {', '.join(repr(f'{path}.{k}') for k in unknown)}; "
+                          f"allowed keys of {path}: {', '.join(known)}")
+    kwargs = {k: _coerce(f"{path}.{k}", v, hints[k]) for k, v in data.items()}
+    try:
+        obj = cls(**kwargs)
+    except ConfigError:
+        raise
+    except (ValueError, TypeError) as exc:  # AdapterConfig validates in __post_init__ with 'adapters.x: ...'
+        raise ConfigError(str(exc) if str(exc).startswith(path) else f"{path}: {exc}") from exc
+    if hasattr(obj, "validate"):
+        obj.validate(path)
+    return obj
+
+
+def config_from_dict(data: dict[str, Any]) -> Config:
+    """Build and validate a `Config` from a (resolved) plain dict; missing keys take their defaults."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"config: got {type(data).__name__}; allowed: a JSON object")
+    known = [f.name for f in dataclasses.fields(Config)]
+    unknown = sorted(set(data) - set(known))
+    if unknown:
+        raise ConfigError(f"config: unknown key(s) {', '.join(repr(k) for k in unknown)}; allowed top-level keys: "
+                          f"{', '.join(known)}")
+    kwargs: dict[str, Any] = {}
+    for key, value in data.items():
+        if key in _SECTIONS:
+            kwargs[key] = _section_from_dict(_SECTIONS[key], value, key)
+        else:
+            kwargs[key] = _coerce(key, value, typing.get_type_hints(Config)[key])
+    config = Config(**kwargs)
+    config.validate()
+    return config
+
+
+# -------------------------------------------------------------------------------------------- presets, merge
+def list_presets() -> list[str]:
+    """Names of the bundled presets (files starting with '_' are shared bases, not listed)."""
+    return sorted(p.stem for p in PRESET_DIR.glob("*.json") if not p.name.startswith("_"))
+
+
+def resolve_preset(name_or_path: str | os.PathLike[str]) -> Path:
+    """A JSON file path for a preset name (`igsp/configs/<name>.json`) or an existing file / run directory."""
+    path = Path(name_or_path).expanduser()
+    if path.is_dir() and (path / "config.json").is_file():
+        return path / "config.json"
+    if path.is_file():
+        return path
+    preset = PRESET_DIR / f"{name_or_path}.json"
+    if preset.is_file():
+        return preset
+    raise ConfigError(f"config: got {str(name_or_path)!r}; allowed: a JSON file, a run directory or a preset "
+                      f"name ({', '.join(list_presets())})")
+
+
+def _merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    out = copy.deepcopy(base)
+    for key, value in top.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = {**out[key], **copy.deepcopy(value)}
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def _load_raw(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    if path in seen:
+        raise ConfigError(f"extends: circular chain {' -> '.join(str(p) for p in (*seen, path))}")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"config: {path} is not valid JSON: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"config: {path} must hold a JSON object, got {type(data).__name__}")
+    parent = data.pop("extends", None)
+    if parent is None:
+        return data
+    if not isinstance(parent, str):
+        raise _bad(f"{path.name}: extends", parent, "a preset name or a JSON path")
+    parent_path = (path.parent / parent) if parent.endswith(".json") else resolve_preset(parent)
+    return _merge(_load_raw(parent_path, (*seen, path)), data)
+
+
+def _parse_value(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str] | None) -> dict[str, Any]:
+    """Apply `["a.b=value", ...]` to a raw config dict (unknown keys are caught by validation afterwards)."""
+    out = copy.deepcopy(data)
+    for item in overrides or []:
+        if not isinstance(item, str) or "=" not in item:
+            raise ConfigError(f"override: got {item!r}; allowed: 'section.key=value' (e.g. train.iterations=20)")
+        key, _, text = item.partition("=")
+        parts = key.strip().split(".")
+        if not all(parts):
+            raise ConfigError(f"override: got key {key!r}; allowed: 'section.key' or a top-level key")
+        node = out
+        for depth, part in enumerate(parts[:-1]):
+            if part not in _SECTIONS or depth > 0:
+                raise ConfigError(f"override {item!r}: unknown section {'.'.join(parts[:depth + 1])!r}; allowed "
+                                  f"sections: {', '.join(_SECTIONS)}")
+            node = node.setdefault(part, {})
+        node[parts[-1]] = _parse_value(text)
+    return out
+
+
+def load_config(name_or_path: str | os.PathLike[str], overrides: list[str] | None = None) -> Config:
+    """Load a preset name, JSON file or run directory, apply `a.b=value` overrides and validate.
+
+    The run name defaults to the preset / file stem when the file does not set one.
+    """
+    path = resolve_preset(name_or_path)
+    raw = _load_raw(path)
+    if "name" not in raw:
+        raw["name"] = path.stem if path.name != "config.json" else path.parent.name
+    raw = apply_overrides(raw, overrides)
+    return config_from_dict(raw)
+
+
+def save_config(config: Config, path: str | os.PathLike[str]) -> None:
+    """Write the resolved config as JSON (atomically: temporary file + rename)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(config.to_dict(), indent=2) + "\n", encoding="utf-8")
+    os.replace(tmp, path)

@@ -1,0 +1,44 @@
+"""Helpers shared by the trainer tests (a uniquely named module: pytest's default import mode puts this
+directory on sys.path, so tests import it as `trainer_helpers`)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+from types import ModuleType
+
+# Every test that trains uses these overrides on top of the preset: checkpoints every 6 steps (so mid-phase
+# checkpoints exist) and the default phase files.
+TINY_OVERRIDES = ["train.checkpoint_every=6"]
+REPO = Path(__file__).resolve().parents[2]
+
+
+def run_tiny(output: Path, overrides: list[str] | None = None) -> dict:
+    """Train the tiny preset into `output` in this process and return results.json's content."""
+    from igsp.config import load_config
+    from igsp.engine import Trainer
+
+    config = load_config("tiny", [*TINY_OVERRIDES, *(overrides or [])])
+    config.output_dir = str(output)
+    trainer = Trainer(config)
+    try:
+        return trainer.fit()
+    finally:
+        trainer.close()
+
+
+def read_log(run_dir: Path) -> list[dict]:
+    """The run's log.jsonl records, in order."""
+    return [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines() if line.strip()]
+
+
+def mtil_fakes() -> ModuleType:
+    """tests/data/mtil_fakes.py (fake MTIL datasets on disk), loaded by path: it is not a package module."""
+    path = REPO / "tests" / "data" / "mtil_fakes.py"
+    spec = importlib.util.spec_from_file_location("igsp_test_mtil_fakes", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up in sys.modules
+    spec.loader.exec_module(module)
+    return module
