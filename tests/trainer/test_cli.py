@@ -33,7 +33,7 @@ BLOCKS, TASKS, EMBED, PROTOTYPES = 12, 11, 512, 5
 SELECTOR = TASKS * (PROTOTYPES * EMBED + 1)
 
 
-def _igsp_counts(C=4, r=16):
+def _igsp_counts(C=2, r=8):
     # Per block and tower of width w, targets c_fc (w -> 4w) and c_proj (4w -> w): an expert pair costs
     # r * (w + 4w) in each linear; the router of a linear has d_route = its input width (w, then 4w).
     per_task = []
@@ -55,7 +55,8 @@ def _moe_counts(E=22, r=64, frozen_per_task=2):
 
 
 @pytest.mark.parametrize("preset, expected", [
-    # iGSP with every candidate surviving (--survival 1.0, the default): the worst case of its accounting.
+    # iGSP (C = 2 rank-8 candidates per layer) with every candidate surviving (--survival 1.0, the default):
+    # the worst case of its accounting.
     ("mtil-full-orderI-igsp", _igsp_counts()),
     # MoE-Adapters: 22 experts, 2 frozen per task, so a task trains 22 - 2t experts plus its router.
     ("mtil-fewshot-orderII-moe-adapters", _moe_counts()),
