@@ -20,11 +20,14 @@ crash. A reader therefore sees either the previous complete file or the new comp
 
 from __future__ import annotations
 
+import contextlib
+import json
 import logging
 import os
-from collections.abc import Iterable
+import tempfile
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import torch
 from torch import nn
@@ -61,22 +64,45 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def atomic_save(obj: Any, path: str | os.PathLike[str]) -> Path:
-    """torch.save `obj` to `path` atomically (temporary file in the same directory, fsync, os.replace)."""
+@contextlib.contextmanager
+def atomic_open(path: str | os.PathLike[str]) -> Iterator[BinaryIO]:
+    """Write a file atomically: yield a binary file in the same directory, then fsync and `os.replace` it.
+
+    A crash leaves either the old file or the new one, never a torn one; the temporary file is removed on error.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
+        with os.fdopen(fd, "wb") as f:
+            yield f
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600; results, reports and checkpoints are meant to be shared
         os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
     _fsync_dir(path.parent)
-    return path
+
+
+def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
+    """`data` to `path`, atomically (see `atomic_open`)."""
+    with atomic_open(path) as f:
+        f.write(data)
+
+
+def atomic_write_json(path: str | os.PathLike[str], obj: Any, *, indent: int = 1) -> None:
+    """`obj` as JSON to `path`, atomically (see `atomic_open`)."""
+    atomic_write_bytes(path, (json.dumps(obj, indent=indent) + "\n").encode("utf-8"))
+
+
+def atomic_save(obj: Any, path: str | os.PathLike[str]) -> Path:
+    """torch.save `obj` to `path` atomically (see `atomic_open`)."""
+    with atomic_open(path) as f:
+        torch.save(obj, f)
+    return Path(path)
 
 
 def load_checkpoint(path: str | os.PathLike[str], map_location: str | torch.device = "cpu") -> dict[str, Any]:

@@ -78,6 +78,7 @@ from igsp.checkpoint import (
     CHECKPOINT_FORMAT,
     adapter_state_dict,
     atomic_save,
+    atomic_write_json,
     backbone_checksum,
     find_latest,
     load_adapter_state_dict,
@@ -253,12 +254,6 @@ class _JsonlLog:
             self._f = None
 
 
-def _write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=1) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
-
-
 # ------------------------------------------------------------------------------------------------ trainer
 class Trainer:
     """Continual training and task-agnostic evaluation of one config (see the module docstring).
@@ -386,7 +381,7 @@ class Trainer:
         path = Path(box[0])
         cfg.output_dir = str(path)
         if self.dist.is_main:
-            _write_json(path / "config.json", cfg.to_dict())
+            atomic_write_json(path / "config.json", cfg.to_dict())
         return path
 
     # ----------------------------------------------------------------------------------------- helpers
@@ -492,7 +487,7 @@ class Trainer:
             start = time.time()
             results = self.results()
             if self.dist.is_main and not self.read_only:
-                _write_json(self.run_dir / "results.json", results)
+                atomic_write_json(self.run_dir / "results.json", results)
             return results
         finally:
             self.log.close()
@@ -763,7 +758,7 @@ class Trainer:
         self._save(None, wall_time=wall)
         if self.dist.is_main and not self.read_only:
             partial = self.results(wall_time=wall)
-            _write_json(self.run_dir / "results.json", partial)
+            atomic_write_json(self.run_dir / "results.json", partial)
 
     def _maybe_kill(self, t: int, step: int) -> None:
         if self._kill_at and t * self.config.train.iterations + step == self._kill_at:

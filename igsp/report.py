@@ -40,7 +40,6 @@ import math
 import os
 import re
 import sys
-import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,6 +47,7 @@ from typing import Any
 
 import numpy as np
 
+from igsp.checkpoint import atomic_write_bytes
 from igsp.metrics import mtil_metrics
 
 __all__ = [
@@ -477,27 +477,10 @@ def usage_matrix(run: RunData) -> dict[str, Any] | None:
 
 
 # ------------------------------------------------------------------------------------------------------ output
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-
-
 def _save_figure(fig: Any, path: Path) -> None:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
-    _atomic_write_bytes(path, buf.getvalue())
+    atomic_write_bytes(path, buf.getvalue())
 
 
 def _new_figure(width: float, height: float) -> Any:
@@ -726,8 +709,8 @@ def run_report(run_dirs: Sequence[str | os.PathLike[str]],
 
     report = {"format": REPORT_FORMAT, "output_dir": str(out_dir), "runs": summaries,
               "published_mtil": PUBLISHED_MTIL if any(s["data_kind"] == "mtil" for s in summaries) else None}
-    _atomic_write_bytes(out_dir / "report.md", render_markdown(report).encode("utf-8"))
-    _atomic_write_bytes(out_dir / "report.json",
+    atomic_write_bytes(out_dir / "report.md", render_markdown(report).encode("utf-8"))
+    atomic_write_bytes(out_dir / "report.json",
                         (json.dumps(report, indent=2, allow_nan=False) + "\n").encode("utf-8"))
     return report
 

@@ -4,11 +4,11 @@ Flags are read at call time (not cached at import) so tests can flip them with `
 
 | flag | default | meaning |
 |---|---|---|
-| IGSP_KERNELS_DISABLE_TRITON | 0 | 1: never select the Triton backend (kill switch when a driver/Triton combination misbehaves) |
+| IGSP_KERNELS_DISABLE_TRITON | 0 | 1: never select the Triton backend (kill switch for a bad driver/Triton pair) |
 | IGSP_KERNELS_DISABLE_CPP | 0 | 1: never load the compiled C++ CPU extension (`igsp_kernels._C`) |
-| IGSP_KERNELS_AUTOTUNE | 1 | 0: pin one Triton config per kernel instead of autotuning (CI, deterministic tests, OOM during the sweep) |
-| IGSP_KERNELS_CHECK_INDICES | 1 | 0: skip the routing-index range check (on CUDA the check is an async device assert, not a host sync) |
-| TRITON_INTERPRET | 0 | 1: Triton runs kernels on the CPU (testing only); then `backend="auto"` may pick Triton for CPU tensors |
+| IGSP_KERNELS_AUTOTUNE | 1 | 0: pin one Triton config per kernel (CI, deterministic tests, OOM in the sweep) |
+| IGSP_KERNELS_CHECK_INDICES | 1 | 0: skip the routing-index range check (on CUDA an async device assert) |
+| TRITON_INTERPRET | 0 | 1: Triton kernels run on the CPU (testing); `backend="auto"` may then pick Triton there |
 """
 
 from __future__ import annotations

@@ -22,7 +22,7 @@ import importlib.util
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache
 from typing import Any
 
 import torch
@@ -142,7 +142,7 @@ class _LazyBackend(Backend):
         return None if target is None else self._load(target)
 
 
-@lru_cache(maxsize=None)
+@cache
 def _import_attr(module: str, attr: str) -> Callable[..., Any] | None:
     try:
         mod = importlib.import_module(module)
@@ -152,7 +152,7 @@ def _import_attr(module: str, attr: str) -> Callable[..., Any] | None:
     return getattr(mod, attr, None)
 
 
-@lru_cache(maxsize=None)
+@cache
 def _import_error(module: str) -> str | None:
     try:
         importlib.import_module(module)

@@ -190,7 +190,8 @@ def moe_lora(
     bias_a = bias_b = None
     if expert_bias is not None:
         if not isinstance(expert_bias, (tuple, list)) or len(expert_bias) != 2:
-            raise TypeError(f"expert_bias must be a pair (bias_a (E, r) | None, bias_b (E, d_out) | None), got {expert_bias!r}")
+            raise TypeError("expert_bias must be a pair (bias_a (E, r) | None, bias_b (E, d_out) | None), "
+                            f"got {expert_bias!r}")
         bias_a, bias_b = expert_bias
         if bias_a is not None:
             _check_tensor("expert_bias[0]", bias_a, ndim=2, dtypes=_FLOAT_DTYPES, device=dev)
@@ -205,7 +206,8 @@ def moe_lora(
     _check_index_range("topk_idx", topk_idx, E, "E = A.shape[0]")
     request = OpRequest("moe_lora", dev, x.dtype, activation)
     impl = select_backend(request, backend)
-    return impl("moe_lora", x, A, B, topk_idx, topk_w, base_weight, base_bias, float(scale), activation, bias_a, bias_b)
+    return impl("moe_lora", x, A, B, topk_idx, topk_w, base_weight, base_bias, float(scale), activation,
+                bias_a, bias_b)
 
 
 # --------------------------------------------------------------------------------------------- subspace

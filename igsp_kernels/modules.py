@@ -53,6 +53,7 @@ logger = logging.getLogger(__name__)
 Routing = Literal["sample", "token"]
 RouteToken = Literal["first", "mean"]
 _GROUPS = ("frozen", "train")
+ExpertBias = tuple[torch.Tensor | None, torch.Tensor | None]
 
 
 def _task_key(task: str | int) -> str:
@@ -68,8 +69,8 @@ class TaskRouter(nn.Module):
     weight: (E, d_route) fp32; active: (E,) bool buffer.
     """
 
-    def __init__(self, in_features: int, num_experts: int, *, init_std: float = 0.02, active: torch.Tensor | None = None,
-                 device: torch.device | None = None) -> None:
+    def __init__(self, in_features: int, num_experts: int, *, init_std: float = 0.02,
+                 active: torch.Tensor | None = None, device: torch.device | None = None) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.empty(num_experts, in_features, device=device))
         nn.init.normal_(self.weight, std=init_std) if init_std > 0 else nn.init.zeros_(self.weight)
@@ -247,7 +248,7 @@ class MoELoRALinear(nn.Module):
     def trainable_expert_ids(self) -> list[int]:
         return list(range(self.num_frozen, self.num_experts))
 
-    def expert_weights(self) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor | None, torch.Tensor | None] | None]:
+    def expert_weights(self) -> tuple[torch.Tensor, torch.Tensor, ExpertBias | None]:
         """The stacked pool, frozen experts first: A (E, d_in, r), B (E, r, d_out), expert biases or None."""
         A = torch.cat([self.A_frozen, self.A_train]) if self.num_frozen else self.A_train
         B = torch.cat([self.B_frozen, self.B_train]) if self.num_frozen else self.B_train
@@ -274,7 +275,10 @@ class MoELoRALinear(nn.Module):
                 if tensor is None:
                     new.append(None)
                     continue
-                picked = tensor[order_t.clamp(min=0)] if tensor.shape[0] else tensor.new_zeros(len(order), *tensor.shape[1:])
+                if tensor.shape[0]:
+                    picked = tensor[order_t.clamp(min=0)]
+                else:
+                    picked = tensor.new_zeros(len(order), *tensor.shape[1:])
                 picked = picked.clone()
                 if fresh.any():
                     fill = picked[fresh]
@@ -352,7 +356,8 @@ class MoELoRALinear(nn.Module):
             active[ids] = True
         if active is not None:
             if active.dtype != torch.bool or tuple(active.shape) != (E,):
-                raise ValueError(f"active must be a bool mask of shape ({E},), got {active.dtype} {tuple(active.shape)}")
+                raise ValueError(f"active must be a bool mask of shape ({E},), "
+                                 f"got {active.dtype} {tuple(active.shape)}")
             active = active.to(self.device)
         router = TaskRouter(self.in_features, E, init_std=self.router_init_std, active=active, device=self.device)
         self.routers[key] = router
@@ -375,7 +380,8 @@ class MoELoRALinear(nn.Module):
         if task_ids is None:
             self._sample_tasks = None
             return
-        if not isinstance(task_ids, torch.Tensor) or task_ids.dim() != 1 or task_ids.dtype not in (torch.int32, torch.int64):
+        int_dtypes = (torch.int32, torch.int64)
+        if not isinstance(task_ids, torch.Tensor) or task_ids.dim() != 1 or task_ids.dtype not in int_dtypes:
             raise TypeError(f"task_ids must be a 1-D integer tensor, got {task_ids!r}")
         if task_ids.device.type == "cpu" and task_ids.numel():
             lo, hi = int(task_ids.min()), int(task_ids.max())
@@ -399,7 +405,8 @@ class MoELoRALinear(nn.Module):
         if self.routing == "token" or x.dim() <= 2:
             return x.reshape(-1, self.in_features), 1
         if x.dim() != 3:
-            raise ValueError(f"per-sample routing needs a 2-D (N, d) or 3-D (B, L, d) input, got shape {tuple(x.shape)}")
+            raise ValueError("per-sample routing needs a 2-D (N, d) or 3-D (B, L, d) input, "
+                             f"got shape {tuple(x.shape)}")
         seq = x if self.batch_first else x.transpose(0, 1)  # (B, L, d)
         xr = seq[:, 0] if self.route_token == "first" else seq.mean(dim=1)
         return xr, seq.shape[1]
@@ -489,7 +496,8 @@ class MoELoRALinear(nn.Module):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def extra_repr(self) -> str:
-        return (f"in_features={self.in_features}, out_features={self.out_features}, base={self.base_layer is not None}, "
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"base={self.base_layer is not None}, "
                 f"experts={self.num_experts} (frozen {self.num_frozen}), rank={self.rank}, top_k={self.top_k}, "
                 f"scale={self.scale}, activation={self.activation}, routing={self.routing}, tasks={self.task_names}")
 

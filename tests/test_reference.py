@@ -45,8 +45,8 @@ def make_inputs(T, d_in, d_out, E, r, k, *, routing="random", dtype=torch.float3
     if routing == "random":
         idx = torch.stack([torch.randperm(E, generator=g)[:k] for _ in range(T)]).int()
     elif routing == "one_expert":  # every row's first choice is expert 0
-        idx = torch.stack([torch.cat([torch.zeros(1, dtype=torch.long), 1 + torch.randperm(E - 1, generator=g)[: k - 1]])
-                           for _ in range(T)]).int()
+        rest = [1 + torch.randperm(E - 1, generator=g)[: k - 1] for _ in range(T)]
+        idx = torch.stack([torch.cat([torch.zeros(1, dtype=torch.long), r]) for r in rest]).int()
     elif routing == "skip_last":  # expert E-1 gets no rows
         idx = torch.stack([torch.randperm(E - 1, generator=g)[:k] for _ in range(T)]).int()
     else:

@@ -67,7 +67,8 @@ class AdapterConfig:
         def bad(name: str, value: Any, allowed: str) -> ValueError:
             return ValueError(f"adapters.{name}: got {value!r}, expected {allowed}")
 
-        if not isinstance(self.targets, (list, tuple)) or not self.targets or any(t not in TARGETS for t in self.targets):
+        targets = self.targets
+        if not isinstance(targets, (list, tuple)) or not targets or any(t not in TARGETS for t in targets):
             raise bad("targets", self.targets, f"a non-empty list of {list(TARGETS)}")
         if "mlp_parallel" in self.targets and {"mlp.c_fc", "mlp.c_proj"} & set(self.targets):
             raise bad("targets", self.targets, "either 'mlp_parallel' or the MLP linears, not both")
@@ -150,7 +151,8 @@ class AdaptedMultiheadAttention(nn.Module):
         is_causal: bool = False,
     ) -> tuple[torch.Tensor, None]:
         if need_weights:
-            raise ValueError("AdaptedMultiheadAttention computes no attention weights: call it with need_weights=False")
+            raise ValueError("AdaptedMultiheadAttention computes no attention weights: "
+                             "call it with need_weights=False")
         if not self.batch_first:
             query, key, value = (t.transpose(0, 1) for t in (query, key, value))
         Bn, L, d = query.shape
@@ -176,8 +178,7 @@ class AdaptedMultiheadAttention(nn.Module):
             elif mask.dtype == torch.bool and kpm.dtype == torch.bool:
                 mask = mask & kpm
             else:
-                to_add = lambda m: m if m.dtype != torch.bool else torch.zeros_like(m, dtype=q.dtype).masked_fill(~m, float("-inf"))
-                mask = to_add(mask) + to_add(kpm)
+                mask = _additive(mask, q.dtype) + _additive(kpm, q.dtype)
         out = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0,
             is_causal=is_causal and mask is None,
@@ -186,6 +187,13 @@ class AdaptedMultiheadAttention(nn.Module):
         if not self.batch_first:
             out = out.transpose(0, 1)
         return out, None
+
+
+def _additive(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """An SDPA mask as an additive float mask (a bool True means "may attend")."""
+    if mask.dtype != torch.bool:
+        return mask
+    return torch.zeros_like(mask, dtype=dtype).masked_fill(~mask, float("-inf"))
 
 
 class ParallelAdapter(nn.Module):
