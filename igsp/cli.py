@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+
 __all__ = ["COMMANDS", "OPTIONAL_COMMAND_MODULES", "DEMO_PRESETS", "format_matrix", "main", "register_command"]
 
 logger = logging.getLogger(__name__)
@@ -108,13 +109,29 @@ def _configure_train(p: argparse.ArgumentParser) -> None:
     p.add_argument("--output", help="run directory (default runs/<name>-<timestamp>)")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its latest checkpoint")
     p.add_argument("--kernels", choices=["auto", "reference", "triton", "cpp"], help="MoE-LoRA backend")
+    _add_data_arguments(p)
+
+
+def _add_data_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data-root", metavar="DIR", help="MTIL data root holding every dataset's folder (data.root)")
+    p.add_argument("--download", action="store_true",
+                   help="let torchvision download missing MTIL datasets where it can (data.download)")
+
+
+def _data_overrides(args: argparse.Namespace) -> list[str]:
+    out = []
+    if getattr(args, "data_root", None):
+        out.append(f"data.root={args.data_root}")
+    if getattr(args, "download", False):
+        out.append("data.download=true")
+    return out
 
 
 def _run_train(args: argparse.Namespace) -> int:
     from igsp.config import load_config
     from igsp.engine import Trainer
 
-    overrides = list(args.overrides)
+    overrides = list(args.overrides) + _data_overrides(args)
     if args.kernels:
         overrides.append(f"train.kernels={args.kernels}")
     if args.resume:
@@ -143,13 +160,14 @@ def _configure_eval(p: argparse.ArgumentParser) -> None:
     p.add_argument("run_dir", metavar="RUN_DIR", help="a run directory (config.json + checkpoints/latest.pt)")
     p.add_argument("--selector", choices=["prototypes", "oracle"],
                    help="task selection (default: the run's); 'oracle' uses the evaluated dataset's own router")
+    _add_data_arguments(p)
 
 
 def _run_eval(args: argparse.Namespace) -> int:
     from igsp.config import load_config
     from igsp.engine import Trainer
 
-    overrides = [f"method.selector={args.selector}"] if args.selector else []
+    overrides = ([f"method.selector={args.selector}"] if args.selector else []) + _data_overrides(args)
     config = load_config(args.run_dir, overrides)
     trainer = Trainer(config, resume=args.run_dir, read_only=True)
     try:
@@ -166,7 +184,9 @@ def _run_eval(args: argparse.Namespace) -> int:
     if _is_main_rank():
         out = {"acc": row, "selector": stats, "tasks": trainer.task_names, "finished_tasks": k,
                "selector_mode": config.method.selector}
-        (Path(args.run_dir) / "eval.json").write_text(json.dumps(out, indent=1) + "\n", encoding="utf-8")
+        from igsp.checkpoint import atomic_write_json
+
+        atomic_write_json(Path(args.run_dir) / "eval.json", out)
     return 0
 
 
