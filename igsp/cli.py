@@ -29,7 +29,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-
 __all__ = ["COMMANDS", "OPTIONAL_COMMAND_MODULES", "DEMO_PRESETS", "format_matrix", "main", "register_command"]
 
 logger = logging.getLogger(__name__)
