@@ -195,10 +195,10 @@ def test_deterministic(case):
         assert torch.equal(a, b), f"d{name} differs between two identical backward passes"
 
 
-def test_single_thread_matches_multi_thread():
-    # The runs plan spreads runs over threads when there are enough; on one thread it runs them in order with
-    # BLAS threads instead. Both must give the same result (up to BLAS rounding).
-    case = RUN_CASES[0]
+@pytest.mark.parametrize("case", [CASES["odd"], RUN_CASES[0]], ids=["experts", "runs"])
+def test_single_thread_matches_multi_thread(case):
+    # Groups (experts or runs) are spread over threads in waves when there are enough; on one thread they run in
+    # order with BLAS threads instead. Both must give the same result (up to BLAS rounding).
     inp = make_moe_lora_inputs(case, expert_bias=True)
     dy = output_grad(case, torch.float32)
     multi = run(inp, dy)
