@@ -389,8 +389,26 @@ def test_opcheck_moe_lora_bwd(mask):
     case = CASES["odd"]
     inp, (x, A, B, w, ba, bb) = _moe_op_args(case, relu=True)
     dy = output_grad(case, torch.float32)
-    torch.library.opcheck(OPS.moe_lora_bwd.default, (dy, x, A, B, inp.topk_idx, w, inp.base_weight, ba, bb, 0.5,
-                                                      "relu", mask))
+    _, hpre = OPS.moe_lora_fwd(x, A, B, inp.topk_idx, w, inp.base_weight, inp.base_bias, ba, bb, 0.5, "relu")
+    torch.library.opcheck(OPS.moe_lora_bwd.default, (dy, x, A, B, inp.topk_idx, w, hpre, inp.base_weight, ba, bb,
+                                                      0.5, "relu", mask))
+
+
+@pytest.mark.parametrize("case", [CASES["odd"], RUN_CASES[0]], ids=["experts", "runs"])
+def test_saved_pre_activation(case):
+    # The forward's second output hpre, which the backward reads instead of recomputing x A: row t k + j must be
+    # x[t] A[e] + ba[e] for e = topk_idx[t, j], written by both plans (a run in place, an expert group by its
+    # sorted assignment positions), in fp32 for bf16 x (the accumulation dtype).
+    for dtype in (torch.float32, torch.bfloat16):
+        inp, (x, A, B, w, ba, bb) = _moe_op_args(case, relu=True)
+        x, A = x.to(dtype), A.to(dtype)
+        _, hpre = OPS.moe_lora_fwd(x, A, B, inp.topk_idx, w, None, None, ba, bb, 0.5, "relu")
+        T, k = inp.topk_idx.shape
+        e = inp.topk_idx.long().reshape(-1)
+        want = torch.einsum("ad,adr->ar", x.double().repeat_interleave(k, 0), A.double()[e]) + ba.double()[e]
+        assert hpre.dtype == torch.float32 and hpre.shape == (T * k, A.shape[2])
+        atol, rtol = tolerance(torch.float32, x.shape[1])
+        torch.testing.assert_close(hpre.double(), want, atol=atol, rtol=rtol)
 
 
 @pytest.mark.parametrize("compute_grads", [True, False])

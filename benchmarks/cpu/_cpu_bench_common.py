@@ -78,7 +78,7 @@ def flops(case: CpuCase, provider: str) -> float:
     """Useful FLOPs of one call (the same count for every LoRA provider, so GFLOP/s compare like with like).
 
     Forward: base 2 T d_in d_out, LoRA 2 T k r (d_in + d_out). Backward: base dx 2 T d_in d_out; LoRA dx and dA
-    2 T k r d_in each, dy B^T and dB 2 T k r d_out each (the recomputed x A is not counted).
+    2 T k r d_in each, dy B^T and dB 2 T k r d_out each (x A is saved by the forward, not recomputed).
     """
     T, d_in, d_out, r = case.T, case.d_in, case.d_out, case.r
     base = 2.0 * T * d_in * d_out

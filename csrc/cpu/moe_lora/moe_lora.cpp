@@ -2,8 +2,11 @@
 //
 // Semantics (igsp_kernels/reference/moe_lora.py, moe_lora_ref), with e = idx[t, j], s = scale:
 //   y[t] = x[t] W0^T + b0 + s * sum_j w[t, j] * (phi(x[t] A[e] + ba[e]) B[e] + bb[e])
+// The forward also returns the rank-r pre-activation hpre[t k + j] = u = x[t] A[e] + ba[e] ((T k, r), fp32; fp64
+// for fp64 x: 0.2 MB for 1576 tokens at k = 2, r = 16, like the Triton backend's saved intermediate), which the
+// backward reads instead of recomputing x A (one GEMM over x per group: ~2-3 % of fc2's forward + backward at r = 16).
 // Backward without saved expert outputs (KERNELS.md lesson 3), per assignment a = (t, j):
-//   u = x[t] A[e] + ba[e] (recomputed), h = phi(u), tt = dy[t] B[e]^T
+//   u = hpre[a] (saved), h = phi(u), tt = dy[t] B[e]^T
 //   dw[t, j] = s * (<h, tt> + <bb[e], dy[t]>),  du = s w tt phi'(u)
 //   dx[t] = dy[t] W0 + sum_j du A[e]^T,  dA[e] += x[t]^T du,  dba[e] += du,
 //   dB[e] += (s w h)^T dy[t],  dbb[e] += s w dy[t]
@@ -208,6 +211,22 @@ at::Tensor project_down(const at::Tensor& X, const GroupWeights& gw) {
   return gw.bacat.defined() ? at::addmm(gw.bacat, X, gw.Acat) : at::mm(X, gw.Acat);
 }
 
+// U = X Acat + bacat written into `out` (n, m r), a contiguous view (a run's rows of hpre).
+void project_down_out(at::Tensor& out, const at::Tensor& X, const GroupWeights& gw) {
+  if (gw.bacat.defined()) {
+    at::addmm_out(out, gw.bacat, X, gw.Acat);
+  } else {
+    at::mm_out(out, X, gw.Acat);
+  }
+}
+
+// A group's rows of the saved pre-activation hpre (T k, r) as (n, m r): a view for a run (its rows t k .. t k + k - 1
+// are consecutive), gathered in the plan's sorted order for an expert group.
+at::Tensor group_hpre(const Group& g, const Plan& plan, const at::Tensor& hpre, int64_t k) {
+  if (g.is_run()) return hpre.narrow(0, g.row0 * k, g.n * k).view({g.n, k * hpre.size(1)});
+  return hpre.index_select(0, plan.sorted_asg.narrow(0, g.pos, g.n));
+}
+
 // The group's gates G (n, m): a view of w for a run, gathered for an expert group.
 at::Tensor group_gates(const Group& g, const Plan& plan, const at::Tensor& w) {
   if (g.is_run()) return w.narrow(0, g.row0, g.n);
@@ -410,15 +429,17 @@ void for_group_waves(int64_t n_groups, bool parallel, const Run& run, const Fini
 }
 
 // ----------------------------------------------------------------------------------------------------- forward
-at::Tensor moe_lora_fwd(const at::Tensor& x, const at::Tensor& A, const at::Tensor& B, const at::Tensor& topk_idx,
-                        const at::Tensor& topk_w, const std::optional<at::Tensor>& base_weight,
-                        const std::optional<at::Tensor>& base_bias, const std::optional<at::Tensor>& bias_a,
-                        const std::optional<at::Tensor>& bias_b, double scale, c10::string_view activation) {
+// Returns (y, hpre): y (T, d_out) in x's dtype; hpre (T k, r) in the accumulation dtype, for the backward.
+std::tuple<at::Tensor, at::Tensor> moe_lora_fwd(
+    const at::Tensor& x, const at::Tensor& A, const at::Tensor& B, const at::Tensor& topk_idx,
+    const at::Tensor& topk_w, const std::optional<at::Tensor>& base_weight, const std::optional<at::Tensor>& base_bias,
+    const std::optional<at::Tensor>& bias_a, const std::optional<at::Tensor>& bias_b, double scale,
+    c10::string_view activation) {
   at::AutoDispatchBelowADInplaceOrView guard;  // the ATen calls below are the kernel, not graph nodes
   check_inputs(x, A, B, topk_idx, topk_w, base_weight, base_bias, bias_a, bias_b);
   const Act act = parse_activation(activation);
   const at::ScalarType acc = acc_dtype(x.scalar_type());
-  const int64_t T = x.size(0), d_out = B.size(2);
+  const int64_t T = x.size(0), d_out = B.size(2), k = topk_idx.size(1);
   const at::Tensor xa = to_acc(x, acc);
   const at::Tensor wa = to_acc(topk_w, acc);
   const at::Tensor idx = topk_idx.to(at::kLong).contiguous();
@@ -437,6 +458,8 @@ at::Tensor moe_lora_fwd(const at::Tensor& x, const at::Tensor& A, const at::Tens
                   : at::zeros({T, d_out}, xa.options());
   }
   const bool with_b0 = w.b0.defined();
+  // Every assignment's row is written by exactly one group (a run's block in place, an expert group's rows copied).
+  at::Tensor hpre = at::empty({T * k, w.r}, xa.options());
 
   // Runs write their rows of y directly; an expert group keeps its output rows until its wave is scatter-added.
   const int64_t n_groups = static_cast<int64_t>(plan.groups.size());
@@ -447,11 +470,23 @@ at::Tensor moe_lora_fwd(const at::Tensor& x, const at::Tensor& A, const at::Tens
     const int64_t m = static_cast<int64_t>(g.experts.size());
     const GroupWeights gw = group_weights(g, w);
     const at::Tensor X = g.is_run() ? xa.narrow(0, g.row0, g.n) : xa.index_select(0, group_rows(g, plan));
-    const at::Tensor U = project_down(X, gw);
+    at::Tensor U;
+    if (g.is_run()) {
+      U = group_hpre(g, plan, hpre, k);  // the run's block of hpre, filled in place
+      project_down_out(U, X, gw);
+    } else {
+      U = project_down(X, gw);
+    }
     const at::Tensor G = group_gates(g, plan, wa);
     const int64_t zcols = gw.Bcat.size(0);
     at::Tensor Z = at::empty({g.n, zcols}, xa.options());
     AT_DISPATCH_FLOATING_TYPES(acc, "igsp_moe_lora_fwd_gate", [&] {
+      if (!g.is_run()) {  // copy the expert group's rows to their assignments' rows of hpre (disjoint per group)
+        const int64_t* asg = plan.sorted_asg.data_ptr<int64_t>() + g.pos;
+        const scalar_t* u = U.data_ptr<scalar_t>();
+        scalar_t* hp = hpre.data_ptr<scalar_t>();
+        for (int64_t i = 0; i < g.n; ++i) std::memcpy(hp + asg[i] * w.r, u + i * w.r, sizeof(scalar_t) * w.r);
+      }
       gate_forward<scalar_t>(U.data_ptr<scalar_t>(), G.data_ptr<scalar_t>(), G.stride(0), Z.data_ptr<scalar_t>(),
                              zcols, g.n, m, w.r, static_cast<scalar_t>(scale), act, with_bb, with_b0);
     });
@@ -471,7 +506,7 @@ at::Tensor moe_lora_fwd(const at::Tensor& x, const at::Tensor& A, const at::Tens
   };
   for_group_waves(n_groups, parallel, group_forward, scatter_wave);
   if (base_weight) y.addmm_(xa, base_weight->to(acc).t());  // y += x W0^T, beta = 1: one large GEMM
-  return y.to(x.scalar_type());
+  return std::make_tuple(y.to(x.scalar_type()), hpre);
 }
 
 // ---------------------------------------------------------------------------------------------------- backward
@@ -485,13 +520,17 @@ struct GroupGrads {
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_lora_bwd(
     const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& A, const at::Tensor& B,
-    const at::Tensor& topk_idx, const at::Tensor& topk_w, const std::optional<at::Tensor>& base_weight,
-    const std::optional<at::Tensor>& bias_a, const std::optional<at::Tensor>& bias_b, double scale,
-    c10::string_view activation, std::array<bool, 6> output_mask) {
+    const at::Tensor& topk_idx, const at::Tensor& topk_w, const at::Tensor& hpre_in,
+    const std::optional<at::Tensor>& base_weight, const std::optional<at::Tensor>& bias_a,
+    const std::optional<at::Tensor>& bias_b, double scale, c10::string_view activation,
+    std::array<bool, 6> output_mask) {
   at::AutoDispatchBelowADInplaceOrView guard;
   check_inputs(x, A, B, topk_idx, topk_w, base_weight, std::nullopt, bias_a, bias_b);
   TORCH_CHECK(grad_y.dim() == 2 && grad_y.size(0) == x.size(0) && grad_y.size(1) == B.size(2),
               "grad_y must have shape (", x.size(0), ", ", B.size(2), "), got ", grad_y.sizes());
+  IGSP_CHECK_CPU(hpre_in, "hpre");
+  TORCH_CHECK(hpre_in.dim() == 2 && hpre_in.size(0) == topk_idx.numel() && hpre_in.size(1) == A.size(2),
+              "hpre must have shape (", topk_idx.numel(), ", ", A.size(2), "), got ", hpre_in.sizes());
   const Act act = parse_activation(activation);
   const at::ScalarType acc = acc_dtype(x.scalar_type());
   const int64_t T = x.size(0), d_in = x.size(1), E = A.size(0), r = A.size(2), d_out = B.size(2);
@@ -508,6 +547,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const at::Tensor dy = to_acc(grad_y, acc);
   const at::Tensor xa = to_acc(x, acc);
   const at::Tensor wa = to_acc(topk_w, acc);
+  const at::Tensor hpre = to_acc(hpre_in, acc);  // the forward's own output: already fp32 (fp64) and contiguous
   const at::Tensor idx = topk_idx.to(at::kLong).contiguous();
   const Weights w = cast_weights(A, B, bias_a, bias_b, acc);
   const bool with_bb = w.bb.defined();
@@ -529,9 +569,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const int64_t mr = m * r;
     const GroupWeights gw = group_weights(g, w);
     const at::Tensor rows = g.is_run() ? at::Tensor() : group_rows(g, plan);
-    const at::Tensor X = g.is_run() ? xa.narrow(0, g.row0, g.n) : xa.index_select(0, rows);
+    // x only feeds dA now that U is saved: an expert group gathers its x rows only when dA is requested.
+    const at::Tensor X = !need_dA ? at::Tensor() : g.is_run() ? xa.narrow(0, g.row0, g.n) : xa.index_select(0, rows);
     const at::Tensor dY = g.is_run() ? dy.narrow(0, g.row0, g.n) : dy.index_select(0, rows);
-    const at::Tensor U = project_down(X, gw);  // recomputed, never saved (KERNELS.md lesson 3)
+    const at::Tensor U = group_hpre(g, plan, hpre, k);  // saved by the forward: no x A GEMM here
     const at::Tensor G = group_gates(g, plan, wa);
     const at::Tensor Tt = need_tt ? at::mm(dY, gw.Bcat.t()) : at::Tensor();  // (n, m r [+ m])
     const int64_t zcols = mr + (with_bb ? m : 0);
