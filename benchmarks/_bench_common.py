@@ -2,7 +2,7 @@
 
 Cases are frozen dataclasses drawn from CLIP ViT-B/16 shapes via itertools.product (STYLE H4). FLOPs and bytes
 come from explicit count functions (STYLE H3); the roofline floor uses the H200 ceilings of
-KERNELS.md (the project's kernel notes, shared/) (~790 TFLOP/s dense bf16/fp16, ~4.3 TB/s) and, for fp32 without TF32, the ~67 TFLOP/s
+shared/KERNELS.md (~790 TFLOP/s dense bf16/fp16, ~4.3 TB/s) and, for fp32 without TF32, the ~67 TFLOP/s
 FMA peak of the H100/H200 SXM data sheet (an assumption, labelled as such in the report).
 """
 

@@ -9,7 +9,7 @@ topk_w (T, k) float; W0 (d_out, d_in) and b0 (d_out,) frozen and optional; ba (E
 Output y (T, d_out) in x.dtype; gradients in each input's dtype. Rows are tokens: per-sample routing arrives
 expanded to its tokens (`igsp_kernels.expand_sample_routing`).
 
-Plan (roofline reasoning in KERNELS.md (the project's kernel notes, shared/): the LoRA path is memory-bound alone and nearly free when it
+Plan (roofline reasoning in shared/KERNELS.md: the LoRA path is memory-bound alone and nearly free when it
 rides on the base GEMM, so the big activations x, y, dy, dx are each written once and never as T x k x d_out):
     metadata  the T*k assignments sorted by expert and padded per expert to BLOCK_S-row blocks, the expert of each
               block, each expert's first block, the blocks in first-token order (a row's k gathers then run at
