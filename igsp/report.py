@@ -730,9 +730,9 @@ def report_command(args: argparse.Namespace) -> int:
     try:
         report = run_report(args.run_dirs, args.output)
     except (FileNotFoundError, RunDirError) as exc:
-        print(f"igsp report: error: {exc}", file=sys.stderr)
+        sys.stderr.write(f"igsp report: error: {exc}\n")
         return 2
-    print(Path(report["output_dir"]) / "report.md")
+    sys.stdout.write(f"{Path(report['output_dir']) / 'report.md'}\n")
     return 0
 
 
