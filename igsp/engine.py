@@ -88,8 +88,7 @@ from igsp.checkpoint import (
 )
 from igsp.config import Config, ConfigError
 from igsp.data import TaskDataset, TaskStreamConfig, build_task_stream
-from igsp.data.digits import DIGITS_TASKS
-from igsp.data.mtil import mtil_order
+from igsp.data.stream import stream_task_names as data_stream_task_names
 from igsp.method.convergence import RouterConvergence
 from igsp.method.pruning import expert_grad_norms, prune_candidates
 from igsp.method.subspace import (
@@ -208,13 +207,7 @@ def _init_distributed(cuda: bool) -> DistContext:
 def stream_task_names(config: Config) -> list[str]:
     """The task names of the configured stream, without loading any data."""
     d = config.data
-    if d.tasks is not None:
-        return list(d.tasks)
-    if d.kind == "mtil":
-        return list(mtil_order(d.order))
-    if d.kind == "digits":
-        return list(DIGITS_TASKS)
-    return [f"synthetic_{t}" for t in range(d.num_tasks)]
+    return data_stream_task_names(d.kind, order=d.order, tasks=d.tasks, num_tasks=d.num_tasks)
 
 
 def _peak_mem_mb(device: torch.device) -> float:

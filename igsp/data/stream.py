@@ -15,7 +15,7 @@ from igsp.data.synthetic import synthetic_benchmark
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["TaskStreamConfig", "build_task_stream"]
+__all__ = ["TaskStreamConfig", "build_task_stream", "stream_task_names"]
 
 StreamKind = Literal["mtil", "digits", "synthetic"]
 
@@ -67,13 +67,18 @@ class TaskStreamConfig:
 
     def task_names(self) -> list[str]:
         """The task names of the stream, in order."""
-        if self.tasks is not None:
-            return list(self.tasks)
-        if self.kind == "mtil":
-            return list(mtil_order(self.order))
-        if self.kind == "digits":
-            return list(DIGITS_TASKS)
-        return [f"synthetic_{t}" for t in range(self.num_tasks)]
+        return stream_task_names(self.kind, order=self.order, tasks=self.tasks, num_tasks=self.num_tasks)
+
+
+def stream_task_names(kind: str, *, order: str = "I", tasks: list[str] | None = None, num_tasks: int = 3) -> list[str]:
+    """The task names of a stream of `kind` without loading any data: `tasks` if given, else the default stream."""
+    if tasks is not None:
+        return list(tasks)
+    if kind == "mtil":
+        return list(mtil_order(order))
+    if kind == "digits":
+        return list(DIGITS_TASKS)
+    return [f"synthetic_{t}" for t in range(num_tasks)]
 
 
 def build_task_stream(
