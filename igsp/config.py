@@ -7,13 +7,21 @@ overrides)` reads a preset from `igsp/configs/<name>.json` (or any JSON file, e.
 - an unknown key is rejected by name, with the allowed keys of its section;
 - a wrong value raises `ConfigError` naming the field (`train.precision`), the value and what is allowed.
 
-Presets may start with `"extends": "<other preset>"`: the other preset is loaded first and this file's sections
-are merged into it key by key (one level of sections, lists replaced whole). The resolved config (no `extends`)
-is what a run saves as `RUN_DIR/config.json`, so a run directory always records exactly what ran.
+Presets may start with `"extends": "<other preset>"` or a list of them: the others are loaded first, in order,
+and each later one (this file last) is merged into what came before key by key (one level of sections; lists and
+mappings such as a per-dataset `train.lr` replaced whole). A list combines a base with a fragment, e.g. the MTIL
+few-shot presets extend `["_mtil-igsp", "_mtil-fewshot"]`: the method's base, then the few-shot settings
+(`_mtil-fewshot.json` extends nothing, so it cannot reset what the method's base chose). The resolved config (no
+`extends`) is what a run saves as `RUN_DIR/config.json`, so a run directory always records exactly what ran.
+
+Per-dataset hyperparameters: `train.lr` is one number, a mapping `{task name: lr}` (the MTIL presets: a dataset
+keeps its learning rate in any order, as in the reference scripts) or a positional list (one per stream position;
+older run configs use it and stay readable).
 
 Override values are parsed as JSON when they parse (`train.lr=[1e-3,5e-4]`, `model.pretrained=null`,
 `train.iterations=20`), otherwise taken as the literal string (`data.kind=digits`); a list-valued field also
-accepts a comma-separated string (`data.tasks=digits,parity`).
+accepts a comma-separated string (`data.tasks=digits,parity`); one entry of a mapping is set with a third key
+(`train.lr.mnist=5e-4`).
 """
 
 from __future__ import annotations
@@ -167,6 +175,9 @@ class DataConfig:
     image_size: int = field(default=224, metadata={"help": "digits/synthetic render size (mtil: the model's)"})
     seed: int = field(default=0, metadata={"help": "split / few-shot / rendering seed of the data"})
     download: bool = field(default=False, metadata={"help": "mtil: let torchvision download missing datasets"})
+    augment: bool = field(default=False, metadata={
+        "help": "train with the reference's RandomResizedCrop(scale=(0.9, 1.0), bicubic), seeded per sample "
+                "(the MTIL presets; false = the evaluation preprocess, as older runs)"})
     num_tasks: int = field(default=3, metadata={"help": "synthetic: number of tasks"})
     num_classes: int = field(default=4, metadata={"help": "synthetic: classes per task"})
     samples_per_class: int = field(default=16, metadata={"help": "synthetic: items per class and split"})
@@ -191,8 +202,8 @@ class TrainConfig:
 
     iterations: int = field(default=1000, metadata={"help": "optimizer steps per task (both phases together)"})
     batch_size: int = field(default=64, metadata={"help": "global batch size (split across DDP ranks)"})
-    lr: float | list[float] = field(default=1e-3, metadata={
-        "help": "learning rate, or one per task (a list at least as long as the stream)"})
+    lr: float | list[float] | dict[str, float] = field(default=1e-3, metadata={
+        "help": "learning rate: one number, {task name: lr} (per dataset, any order) or a list by stream position"})
     warmup: int = field(default=100, metadata={"help": "linear warm-up steps, then cosine decay to 0"})
     label_smoothing: float = 0.2
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay (MoE-Adapters: 0)"})
@@ -216,11 +227,18 @@ class TrainConfig:
     def validate(self, path: str = "train") -> None:
         _int_range(f"{path}.iterations", self.iterations, 1)
         _int_range(f"{path}.batch_size", self.batch_size, 1)
-        lrs = self.lr if isinstance(self.lr, list) else [self.lr]
-        if not lrs:
-            raise _bad(f"{path}.lr", self.lr, "a positive number or a non-empty list of them")
-        for i, lr in enumerate(lrs):
-            _float_range(f"{path}.lr" + (f"[{i}]" if isinstance(self.lr, list) else ""), lr, 0.0, low_open=True)
+        if isinstance(self.lr, dict):
+            lrs = {f"{path}.lr.{k}": v for k, v in self.lr.items()}
+            if not lrs or not all(isinstance(k, str) and k for k in self.lr):
+                raise _bad(f"{path}.lr", self.lr, "a non-empty mapping {task name: learning rate}")
+        elif isinstance(self.lr, list):
+            lrs = {f"{path}.lr[{i}]": v for i, v in enumerate(self.lr)}
+            if not lrs:
+                raise _bad(f"{path}.lr", self.lr, "a positive number, a {task name: lr} mapping or a non-empty list")
+        else:
+            lrs = {f"{path}.lr": self.lr}
+        for where, lr in lrs.items():
+            _float_range(where, lr, 0.0, low_open=True)
         _int_range(f"{path}.warmup", self.warmup, 0)
         _float_range(f"{path}.label_smoothing", self.label_smoothing, 0.0, 1.0)
         _float_range(f"{path}.weight_decay", self.weight_decay, 0.0)
@@ -240,8 +258,16 @@ class TrainConfig:
         _int_range(f"{path}.checkpoint_every", self.checkpoint_every, 0)
         _choice(f"{path}.checkpoint_keep", self.checkpoint_keep, ("all", "latest", "none"))
 
-    def lr_for_task(self, task: int) -> float:
-        """The learning rate of task index `task` (ConfigError if the per-task list is too short)."""
+    def lr_for_task(self, task: int, name: str | None = None) -> float:
+        """The learning rate of the task at stream position `task` named `name`.
+
+        A mapping is read by `name` (required then), a list by position. ConfigError names the missing entry.
+        """
+        if isinstance(self.lr, dict):
+            if name is None or name not in self.lr:
+                raise _bad("train.lr", self.lr, f"a learning rate for every task of the stream; missing "
+                                                f"{name!r} (task {task})")
+            return float(self.lr[name])
         if not isinstance(self.lr, list):
             return float(self.lr)
         if task >= len(self.lr):
@@ -280,6 +306,28 @@ class Config:
         if self.method.name == "igsp" and self.method.candidates < self.adapters.top_k:
             raise _bad("method.candidates", self.method.candidates,
                        f"an int >= adapters.top_k ({self.adapters.top_k}): the first task routes over candidates only")
+        if isinstance(self.train.lr, dict):
+            self._validate_per_task("train.lr", self.train.lr)
+
+    def task_names(self) -> list[str]:
+        """The task names of the configured stream, in order, without loading any data."""
+        from igsp.data.stream import stream_task_names
+
+        d = self.data
+        return stream_task_names(d.kind, order=d.order, tasks=d.tasks, num_tasks=d.num_tasks)
+
+    def _validate_per_task(self, path: str, mapping: dict[str, Any]) -> None:
+        """A {task name: value} mapping names only tasks of the data kind and covers every task of the stream."""
+        from igsp.data.stream import known_task_names
+
+        known = known_task_names(self.data.kind, num_tasks=self.data.num_tasks)
+        unknown = sorted(k for k in mapping if k not in known)
+        if unknown:
+            raise _bad(f"{path}.{unknown[0]}", mapping[unknown[0]],
+                       f"keys naming tasks of data.kind={self.data.kind!r}: {', '.join(known)}")
+        missing = [n for n in self.task_names() if n not in mapping]
+        if missing:
+            raise _bad(path, mapping, f"an entry for every task of the stream; missing {', '.join(missing)}")
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-ready dict (the resolved config)."""
@@ -310,8 +358,9 @@ def _coerce(path: str, value: Any, tp: Any) -> Any:
         if value is None and type(None) in args:
             return None
         errors = []
-        # Try list alternatives last so that "a,b" for `str | list[str]` stays a string.
-        for arg in sorted((a for a in args if a is not type(None)), key=lambda a: typing.get_origin(a) is list):
+        # Try list and mapping alternatives last so that "a,b" for `str | list[str]` stays a string.
+        for arg in sorted((a for a in args if a is not type(None)),
+                          key=lambda a: typing.get_origin(a) in (list, dict)):
             try:
                 return _coerce(path, value, arg)
             except ConfigError as exc:
@@ -321,6 +370,11 @@ def _coerce(path: str, value: Any, tp: Any) -> Any:
     if origin is Literal:
         _choice(path, value, typing.get_args(tp))
         return value
+    if origin is dict:
+        key_tp, value_tp = typing.get_args(tp) or (Any, Any)
+        if not isinstance(value, dict):
+            raise _bad(path, value, f"a mapping {{{_type_name(key_tp)}: {_type_name(value_tp)}}}")
+        return {_coerce(f"{path} key", k, key_tp): _coerce(f"{path}.{k}", v, value_tp) for k, v in value.items()}
     if origin is list:
         (item_tp,) = typing.get_args(tp) or (Any,)
         if isinstance(value, str):
@@ -435,13 +489,18 @@ def _load_raw(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
         raise ConfigError(f"config: {path} is not valid JSON: {exc}") from exc
     if not isinstance(data, dict):
         raise ConfigError(f"config: {path} must hold a JSON object, got {type(data).__name__}")
-    parent = data.pop("extends", None)
-    if parent is None:
+    parents = data.pop("extends", None)
+    if parents is None:
         return data
-    if not isinstance(parent, str):
-        raise _bad(f"{path.name}: extends", parent, "a preset name or a JSON path")
-    parent_path = (path.parent / parent) if parent.endswith(".json") else resolve_preset(parent)
-    return _merge(_load_raw(parent_path, (*seen, path)), data)
+    if isinstance(parents, str):
+        parents = [parents]
+    if not isinstance(parents, list) or not parents or not all(isinstance(p, str) and p for p in parents):
+        raise _bad(f"{path.name}: extends", parents, "a preset name or JSON path, or a non-empty list of them")
+    merged: dict[str, Any] = {}
+    for parent in parents:
+        parent_path = (path.parent / parent) if parent.endswith(".json") else resolve_preset(parent)
+        merged = _merge(merged, _load_raw(parent_path, (*seen, path)))
+    return _merge(merged, data)
 
 
 def _parse_value(text: str) -> Any:
@@ -463,10 +522,18 @@ def apply_overrides(data: dict[str, Any], overrides: list[str] | None) -> dict[s
             raise ConfigError(f"override: got key {key!r}; allowed: 'section.key' or a top-level key")
         node = out
         for depth, part in enumerate(parts[:-1]):
-            if part not in _SECTIONS or depth > 0:
+            if depth == 0 and part in _SECTIONS:
+                node = node.setdefault(part, {})
+            elif depth == 1 and len(parts) == 3 and isinstance(node.get(part), dict):
+                entry = dict(node[part])  # one entry of a mapping field, e.g. train.lr.mnist
+                node[part] = entry
+                node = entry
+            elif depth == 1 and len(parts) == 3:
+                raise ConfigError(f"override {item!r}: {'.'.join(parts[:2])} is {node.get(part)!r}, not a "
+                                  "mapping; set the whole field instead")
+            else:
                 raise ConfigError(f"override {item!r}: unknown section {'.'.join(parts[:depth + 1])!r}; allowed "
                                   f"sections: {', '.join(_SECTIONS)}")
-            node = node.setdefault(part, {})
         node[parts[-1]] = _parse_value(text)
     return out
 

@@ -32,8 +32,9 @@ routing and once with adapters off; each sample is scored against the text featu
 Data order is a pure function of (seed, task, step): step s of a task reads positions [s*B, (s+1)*B) of the
 concatenation of seeded per-epoch permutations. So a resumed run reads exactly the batches an uninterrupted
 run reads, and with the RNG states, usage buffers, optimizer and detector restored from the checkpoint it
-reproduces the uninterrupted run bit for bit on CPU. (Image augmentation is not used: MTIL trains with the
-validation preprocess, the digits/synthetic streams are deterministic tensors.)
+reproduces the uninterrupted run bit for bit on CPU. Training augmentation (`data.augment`, the MTIL presets:
+the reference's RandomResizedCrop) keeps this: each crop is seeded by (seed, task, step, position in the global
+batch) through `igsp.data.augment.seeded_batches`, never by the global RNG.
 
 Distributed data parallel (torchrun): each rank takes a strided share (`rank::world`) of every global batch;
 the loss is the rank's summed cross-entropy divided by the *global* batch size, and the gradients are summed
@@ -88,6 +89,7 @@ from igsp.checkpoint import (
 )
 from igsp.config import Config, ConfigError
 from igsp.data import TaskDataset, TaskStreamConfig, build_task_stream
+from igsp.data.augment import seeded_batches
 from igsp.data.stream import stream_task_names as data_stream_task_names
 from igsp.method.convergence import RouterConvergence
 from igsp.method.pruning import expert_grad_norms, prune_candidates
@@ -285,7 +287,7 @@ class Trainer:
         self.read_only = read_only
 
         torch.manual_seed(cfg.train.seed)  # the backbone's random init (pretrained=None) depends on it
-        model, _, preprocess_val, tokenizer = create_clip(
+        model, preprocess_train, preprocess_val, tokenizer = create_clip(
             cfg.model.name, cfg.model.pretrained, device=self.device, precision="fp32",
             cache_dir=cfg.model.cache_dir)
         self.model: nn.Module = model
@@ -297,9 +299,10 @@ class Trainer:
         self.layers = adapter_layers(model)
         self._checksum = backbone_checksum(model)
 
-        self.stream = self._build_stream(preprocess_val)
+        self.stream = self._build_stream(preprocess_val, preprocess_train)
         self.task_names = [train.name for train, _ in self.stream]
-        cfg.train.lr_for_task(len(self.stream) - 1)  # a too-short per-task lr list fails now, not at task 7
+        for t, name in enumerate(self.task_names):  # a too-short lr list or a missing dataset fails now, not at task 7
+            cfg.train.lr_for_task(t, name)
 
         self.selector = (TaskSelector(cfg.method.selector_prototypes, cfg.method.selector_quantile,
                                       seed=cfg.train.seed) if self.method != "zeroshot" else None)
@@ -331,7 +334,7 @@ class Trainer:
             self.log = _JsonlLog(self.run_dir / "log.jsonl" if self.dist.is_main else None)
 
     # ------------------------------------------------------------------------------------------- setup
-    def _build_stream(self, preprocess_val: Any) -> list[tuple[TaskDataset, TaskDataset]]:
+    def _build_stream(self, preprocess_val: Any, preprocess_train: Any) -> list[tuple[TaskDataset, TaskDataset]]:
         d = self.config.data
         if d.kind == "mtil" and not d.root:
             raise ConfigError("data.root: got None; allowed: the MTIL data root (a directory holding every "
@@ -344,15 +347,16 @@ class Trainer:
                                   f"model {self.config.model.name!r})")
         try:
             scfg = TaskStreamConfig(kind=d.kind, root=d.root, order=d.order, tasks=d.tasks, few_shot=d.few_shot,
-                                    image_size=d.image_size, seed=d.seed, download=d.download,
+                                    image_size=d.image_size, seed=d.seed, download=d.download, augment=d.augment,
                                     num_tasks=d.num_tasks, num_classes=d.num_classes,
                                     samples_per_class=d.samples_per_class)
         except ValueError as exc:  # e.g. an unknown task name for the stream kind: a config error
             raise ConfigError(f"data: {exc}") from exc
-        # MTIL trains with the validation preprocess, as MoE-Adapters / ZSCL (no augmentation): deterministic
-        # batches, so a resumed run reads exactly the images of an uninterrupted one.
-        transform = preprocess_val if d.kind == "mtil" else None
-        return build_task_stream(scfg, transform=transform)
+        # MTIL: the validation preprocess evaluates (and feeds the selector); with data.augment the train splits
+        # crop with open_clip's train preprocess (= the reference's), seeded per sample (igsp.data.augment).
+        mtil = d.kind == "mtil"
+        return build_task_stream(scfg, transform=preprocess_val if mtil else None,
+                                 train_transform=preprocess_train if mtil and d.augment else None)
 
     def _make_run_dir(self) -> Path:
         cfg = self.config
@@ -408,7 +412,8 @@ class Trainer:
 
     def _make_optimizer(self, task: int) -> torch.optim.Optimizer:
         t = self.config.train
-        return torch.optim.AdamW(self._trainable(), lr=t.lr_for_task(task), betas=(0.9, t.beta2), eps=1e-8,
+        return torch.optim.AdamW(self._trainable(), lr=t.lr_for_task(task, self.task_names[task]),
+                                 betas=(0.9, t.beta2), eps=1e-8,
                                  weight_decay=t.weight_decay)
 
     def _loader(self, dataset: Any, **kwargs: Any) -> DataLoader:
@@ -540,7 +545,7 @@ class Trainer:
         start_step = self.progress["step"]
         sampler = StepBatchSampler(len(train_ds), cfg.train.batch_size, cfg.train.seed * 1009 + t, start_step,
                                    total, rank=self.dist.rank, world=self.dist.world)
-        loader = self._loader(train_ds.dataset, batch_sampler=sampler)
+        loader = self._loader(train_ds.dataset, batch_sampler=seeded_batches(train_ds.dataset, sampler))
         tokens, n_tpl = self._tokens(train_ds, cfg.train.train_templates)
         self.model.train()
         igsp_kernels.set_task(self.model, t)
@@ -584,7 +589,7 @@ class Trainer:
         cfg = self.config.train
         opt = self.optimizer
         assert opt is not None
-        lr = lr_at(step - 1, cfg.lr_for_task(t), cfg.warmup, cfg.iterations)
+        lr = lr_at(step - 1, cfg.lr_for_task(t, self.task_names[t]), cfg.warmup, cfg.iterations)
         for group in opt.param_groups:
             group["lr"] = lr
         opt.zero_grad(set_to_none=True)

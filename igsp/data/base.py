@@ -31,6 +31,7 @@ __all__ = [
     "TensorTaskDataset",
     "few_shot_indices",
     "random_split_indices",
+    "shuffled_pass_order",
     "validate_split",
 ]
 
@@ -158,26 +159,42 @@ def random_split_indices(n: int, train_fraction: float = 0.8, seed: int = 42) ->
     return perm[:n_train], perm[n_train:]
 
 
-def few_shot_indices(targets: Sequence[int], shots: int, seed: int = 0) -> list[int]:
-    """Seeded k-shot subset: up to `shots` items per class, returned in ascending index order.
+def shuffled_pass_order(n: int, seed: int) -> list[int]:
+    """The order in which `DataLoader(range(n), shuffle=True)` yields items right after `torch.manual_seed(seed)`.
 
-    One `torch.randperm(len(targets))` from a generator seeded with `seed` orders all items; each class keeps its
-    first `shots` items in that order. The result depends only on (targets, shots, seed). A class with fewer
-    than `shots` items keeps all of them (logged as a warning).
+    A DataLoader iterator first draws its workers' base seed from the global generator, then its RandomSampler
+    draws a second int64 and seeds a private generator with it for `randperm(n)`. Replayed here on a private
+    generator, so the global RNG is untouched (tests/data/test_data_base.py checks it against a real DataLoader).
+    """
+    g = torch.Generator().manual_seed(seed)
+    torch.empty((), dtype=torch.int64).random_(generator=g)  # the loader iterator's base seed, drawn first
+    sampler_seed = int(torch.empty((), dtype=torch.int64).random_(generator=g))
+    return torch.randperm(n, generator=torch.Generator().manual_seed(sampler_seed)).tolist()
+
+
+def few_shot_indices(targets: Sequence[int], shots: int, seed: int = 0) -> list[int]:
+    """Seeded k-shot subset, drawn as MoE-Adapters draws it: up to `shots` items per class, in ascending order.
+
+    MoE-Adapters (`mtil/src/models/finetune.py`) seeds everything (`seed_all(42)`), makes one pass over its
+    shuffled train loader and keeps the first `shots` images of each class in the order they come. Here the pass
+    order is `shuffled_pass_order(len(targets), seed)`: the order a shuffled DataLoader yields right after
+    `torch.manual_seed(seed)`. (Their subset also depends on every global RNG draw their process makes between
+    seeding and that pass, building a ~150 M-parameter model among them, so no other code base can replay it.)
+    The result depends only on (targets, shots, seed). A class with fewer than `shots` items keeps all of them
+    (logged as a warning).
 
     Args:
         targets: the label of every item (ints).
         shots: items per class, >= 1.
-        seed: generator seed.
+        seed: the seed of the pass.
     Returns:
         sorted list of item indices.
     """
     if not isinstance(shots, int) or isinstance(shots, bool) or shots < 1:
         raise ValueError(f"few_shot (shots per class) must be a positive int, got {shots!r}")
-    perm = torch.randperm(len(targets), generator=torch.Generator().manual_seed(seed)).tolist()
     taken: dict[int, int] = {}
     chosen: list[int] = []
-    for i in perm:
+    for i in shuffled_pass_order(len(targets), seed):
         c = int(targets[i])
         if taken.get(c, 0) < shots:
             taken[c] = taken.get(c, 0) + 1

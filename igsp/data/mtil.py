@@ -7,9 +7,10 @@ runs its integrity check); this module adds what the MTIL protocol needs on top:
   split where the dataset has one; Caltech101, EuroSAT and SUN397 have none and take a seeded 80/20 split
   (`random_split_indices`, seed 42 as MoE-Adapters) over the items *sorted by path*, so every machine gets the
   same split (torchvision lists SUN397 in `rglob` order, which depends on the file system);
-- readable class names (CLIP's names for Caltech101 and EuroSAT, underscores and SUN397 path separators turned
-  into spaces) and CLIP prompt templates;
-- seeded few-shot subsets (`few_shot` shots per class of the train split);
+- ZSCL's class names and prompt templates, verbatim (`igsp.data.mtil_prompts`): every template evaluates, the first
+  one trains, as in ZSCL and MoE-Adapters;
+- seeded few-shot subsets (`few_shot` shots per class of the train split), drawn as MoE-Adapters draws them
+  (`igsp.data.base.few_shot_indices`);
 - one clear `DatasetNotFoundError` for a missing or incomplete dataset: the folder, the expected layout and how
   to obtain it, with torchvision's own error chained as the cause.
 
@@ -26,7 +27,6 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,6 +43,7 @@ from igsp.data.base import (
     random_split_indices,
     validate_split,
 )
+from igsp.data.mtil_prompts import ZSCL_TEMPLATES, zscl_classnames
 
 logger = logging.getLogger(__name__)
 
@@ -51,11 +52,17 @@ __all__ = [
     "ORDER_I",
     "ORDER_II",
     "ORDER_II_PERMUTATION",
+    "REFERENCE_ITERATIONS",
+    "REFERENCE_LR_FEW_SHOT",
+    "REFERENCE_LR_FULL",
+    "REFERENCE_SHOTS",
+    "REFERENCE_TRAIN",
     "SPLIT_SEED",
     "MTILSpec",
     "MTILVisionDataset",
     "build_dataset",
     "mtil_order",
+    "reference_lr",
 ]
 
 # MoE-Adapters/ZSCL split Caltech101, EuroSAT and SUN397 with torch.Generator().manual_seed(42), 80/20.
@@ -77,7 +84,6 @@ class MTILSpec:
         obtain: how to get the data.
         downloadable: whether torchvision's `download=True` fetches it.
         split_note: which split is used for train/test.
-        templates: CLIP prompt templates, one `{}` each.
     """
 
     name: str
@@ -89,7 +95,16 @@ class MTILSpec:
     obtain: str
     downloadable: bool
     split_note: str
-    templates: tuple[str, ...]
+
+    @property
+    def templates(self) -> tuple[str, ...]:
+        """ZSCL's CLIP prompt templates (one `{}` each): all of them evaluate, the first one trains."""
+        return ZSCL_TEMPLATES[self.name]
+
+    @property
+    def train_template(self) -> str:
+        """The template of the training text features (ZSCL/MoE-Adapters' `dataset.template`: the first)."""
+        return self.templates[0]
 
 
 _DL = "pass download=True (CLI: --download) to let torchvision fetch and extract it, or download it yourself from "
@@ -114,7 +129,6 @@ MTIL_DATASETS: dict[str, MTILSpec] = {
         obtain=_DL + "https://www.robots.ox.ac.uk/~vgg/data/fgvc-aircraft/archives/fgvc-aircraft-2013b.tar.gz",
         downloadable=True,
         split_note="official 'train' (3,334) / 'test' (3,333), variant level; 'val' unused (as MoE-Adapters)",
-        templates=("a photo of a {}, a type of aircraft.", "a photo of the {}, a type of aircraft."),
     ),
     "caltech101": MTILSpec(
         name="caltech101",
@@ -129,7 +143,6 @@ MTIL_DATASETS: dict[str, MTILSpec] = {
         obtain=_DL + "https://data.caltech.edu/records/mzrjq-6wc02/files/caltech-101.zip",
         downloadable=True,
         split_note="no official split: seeded 80/20 (seed 42) over the images sorted by path",
-        templates=("a photo of a {}.", "a painting of a {}.", "a sketch of a {}.", "a photo of the {}."),
     ),
     "cifar100": MTILSpec(
         name="cifar100",
@@ -141,7 +154,6 @@ MTIL_DATASETS: dict[str, MTILSpec] = {
         obtain=_DL + "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz",
         downloadable=True,
         split_note="official train (50,000) / test (10,000)",
-        templates=("a photo of a {}.", "a blurry photo of a {}.", "a photo of the {}."),
     ),
     "dtd": MTILSpec(
         name="dtd",
@@ -156,12 +168,6 @@ MTIL_DATASETS: dict[str, MTILSpec] = {
         obtain=_DL + "https://www.robots.ox.ac.uk/~vgg/data/dtd/download/dtd-r1.0.1.tar.gz (extract into <root>/dtd)",
         downloadable=True,
         split_note="official partition 1: 'train' (1,880) / 'test' (1,880); 'val' unused (as MoE-Adapters)",
-        templates=(
-            "a photo of a {} texture.",
-            "a photo of a {} pattern.",
-            "a photo of a {} thing.",
-            "a photo of a {} object.",
-        ),
     ),
     "eurosat": MTILSpec(
         name="eurosat",
@@ -174,11 +180,6 @@ MTIL_DATASETS: dict[str, MTILSpec] = {
         "(extract into <root>/eurosat)",
         downloadable=True,
         split_note="no official split: seeded 80/20 (seed 42) over the images sorted by path",
-        templates=(
-            "a centered satellite photo of {}.",
-            "a centered satellite photo of a {}.",
-            "a centered satellite photo of the {}.",
-        ),
     ),
     "flowers": MTILSpec(
         name="flowers",
@@ -193,7 +194,6 @@ MTIL_DATASETS: dict[str, MTILSpec] = {
         obtain=_DL + "https://www.robots.ox.ac.uk/~vgg/data/flowers/102/ (102flowers.tgz, imagelabels.mat, setid.mat)",
         downloadable=True,
         split_note="official 'train' (1,020) / 'test' (6,149); 'val' unused (as MoE-Adapters)",
-        templates=("a photo of a {}, a type of flower.",),
     ),
     "food": MTILSpec(
         name="food",
@@ -208,7 +208,6 @@ MTIL_DATASETS: dict[str, MTILSpec] = {
         obtain=_DL + "http://data.vision.ee.ethz.ch/cvl/food-101.tar.gz",
         downloadable=True,
         split_note="official train (75,750) / test (25,250)",
-        templates=("a photo of {}, a type of food.",),
     ),
     "mnist": MTILSpec(
         name="mnist",
@@ -225,7 +224,6 @@ MTIL_DATASETS: dict[str, MTILSpec] = {
         obtain=_DL + "https://ossci-datasets.s3.amazonaws.com/mnist/ (gunzip the four .gz files into MNIST/raw)",
         downloadable=True,
         split_note="official train (60,000) / test (10,000)",
-        templates=('a photo of the number: "{}".',),
     ),
     "oxford_pet": MTILSpec(
         name="oxford_pet",
@@ -244,7 +242,6 @@ MTIL_DATASETS: dict[str, MTILSpec] = {
         obtain=_DL + "https://www.robots.ox.ac.uk/~vgg/data/pets/data/{images,annotations}.tar.gz",
         downloadable=True,
         split_note="official 'trainval' (3,680) / 'test' (3,669)",
-        templates=("a photo of a {}, a type of pet.",),
     ),
     "cars": MTILSpec(
         name="cars",
@@ -270,7 +267,6 @@ MTIL_DATASETS: dict[str, MTILSpec] = {
         ),
         downloadable=False,
         split_note="official train (8,144) / test (8,041)",
-        templates=("a photo of a {}, a type of car.", "a photo of a {}.", "a photo of the {}.", "a photo of my {}."),
     ),
     "sun397": MTILSpec(
         name="sun397",
@@ -285,13 +281,37 @@ MTIL_DATASETS: dict[str, MTILSpec] = {
         obtain=_DL + "http://vision.princeton.edu/projects/2010/SUN/SUN397.tar.gz",
         downloadable=True,
         split_note="no official split used: seeded 80/20 (seed 42) over the images sorted by path",
-        templates=("a photo of a {}.", "a photo of the {}."),
     ),
 }
 
 ORDER_I: tuple[str, ...] = tuple(MTIL_DATASETS)
 ORDER_II_PERMUTATION: tuple[int, ...] = (9, 6, 7, 8, 5, 10, 0, 1, 3, 4, 2)
 ORDER_II: tuple[str, ...] = tuple(ORDER_I[i] for i in ORDER_II_PERMUTATION)
+
+
+# ------------------------------------------------------------------------------------- the reference protocol
+# MoE-Adapters4CL mtil/scripts/train/train_full_shot_router11_experts22_1000iters.sh, `lr=(...)` in Order-I dataset
+# order (the same list as METHOD.md section 5). A dataset keeps its rate in any task order.
+REFERENCE_LR_FULL: dict[str, float] = dict(zip(ORDER_I, (5e-3, 1e-3, 5e-3, 1e-3, 1e-4, 1e-3, 1e-3, 1e-4, 1e-3, 1e-3,
+                                                         1e-3)))
+# ... train_few_shot_router11_experts22_1000iters.sh (5 shots, 500 iterations).
+REFERENCE_LR_FEW_SHOT: dict[str, float] = dict(zip(ORDER_I, (8e-3, 5e-4, 2e-4, 5e-3, 1e-3, 1e-3, 1e-2, 1e-4, 1e-2,
+                                                             1e-2, 1e-2)))
+# What every task of those scripts shares (src/args.py defaults and the scripts' flags): batch 64, AdamW with weight
+# decay 0 and betas (0.9, 0.999), 100 warm-up steps then cosine (src/utils.py cosine_lr), label smoothing 0.2 (--ls),
+# no gradient clipping, the train preprocess (RandomResizedCrop, igsp.data.augment), the first template for the
+# training text features, OpenAI CLIP ViT-B/16.
+REFERENCE_TRAIN: dict[str, Any] = {
+    "model": "ViT-B-16", "pretrained": "openai", "batch_size": 64, "warmup": 100, "label_smoothing": 0.2,
+    "weight_decay": 0.0, "beta2": 0.999, "grad_clip": None, "augment": True, "train_templates": "first",
+}
+REFERENCE_ITERATIONS = {"full": 1000, "few_shot": 500}
+REFERENCE_SHOTS = 5
+
+
+def reference_lr(name: str, few_shot: bool) -> float:
+    """The reference learning rate of MTIL dataset `name` (full-shot or few-shot script)."""
+    return (REFERENCE_LR_FEW_SHOT if few_shot else REFERENCE_LR_FULL)[name]
 
 
 def mtil_order(order: str) -> tuple[str, ...]:
@@ -304,47 +324,6 @@ def mtil_order(order: str) -> tuple[str, ...]:
     raise ValueError(f"order must be 'I' or 'II', got {order!r}")
 
 
-# ----------------------------------------------------------------------------------------------- class names
-# CLIP's readable names (openai/CLIP data/prompts.md, as used by ZSCL and
-# MoE-Adapters) for the folder names that are not plain words; every other folder is cleaned generically.
-_CALTECH101_NAMES = {
-    "Faces": "off-center face",
-    "Faces_easy": "centered face",
-    "Leopards": "leopard",
-    "Motorbikes": "motorbike",
-    "airplanes": "airplane",
-    "car_side": "side of a car",
-    "cougar_body": "body of a cougar cat",
-    "cougar_face": "face of a cougar cat",
-    "crocodile_head": "head of a crocodile",
-    "flamingo_head": "head of a flamingo",
-    "snoopy": "snoopy (cartoon beagle)",
-    "yin_yang": "yin and yang symbol",
-}
-_EUROSAT_NAMES = {
-    "AnnualCrop": "annual crop land",
-    "Forest": "forest",
-    "HerbaceousVegetation": "brushland or shrubland",
-    "Highway": "highway or road",
-    "Industrial": "industrial buildings or commercial buildings",
-    "Pasture": "pasture land",
-    "PermanentCrop": "permanent crop land",
-    "Residential": "residential buildings or homes or apartments",
-    "River": "river",
-    "SeaLake": "lake or sea",
-}
-
-
-def _clean(name: str) -> str:
-    """'apple_pie' -> 'apple pie', 'apartment_building/outdoor' -> 'apartment building outdoor'."""
-    return re.sub(r"\s+", " ", re.sub(r"[_/]", " ", name)).strip()
-
-
-def _camel_to_words(name: str) -> str:
-    """'HerbaceousVegetation' -> 'herbaceous vegetation' (fallback for unknown EuroSAT folders)."""
-    return re.sub(r"(?<=[a-z])(?=[A-Z])", " ", name).lower()
-
-
 # ----------------------------------------------------------------------------------------------- listing
 @dataclass
 class _Listing:
@@ -353,7 +332,7 @@ class _Listing:
     base: Dataset  # the torchvision dataset (transform=None)
     labels: list[int]  # per item
     paths: list[str] | None  # per item image file (None for in-memory datasets: CIFAR, MNIST)
-    classnames: list[str]
+    classes: list[str]  # torchvision's class list in label order (folder names for Caltech101 and EuroSAT)
 
 
 def _private(ds: object, attr: str) -> Any:
@@ -383,32 +362,29 @@ def _list_dataset(name: str, root: str, split: Split, download: bool) -> _Listin
             os.path.join(ds.root, "101_ObjectCategories", ds.categories[y], f"image_{i:04d}.jpg")
             for y, i in zip(ds.y, ds.index)
         ]
-        names = [_CALTECH101_NAMES.get(c, _clean(c).lower()) for c in ds.categories]
-        return _Listing(ds, list(ds.y), paths, names)
+        return _Listing(ds, list(ds.y), paths, list(ds.categories))
     if name == "cifar100":
         ds = tvd.CIFAR100(root, train=split == "train", download=download)
-        return _Listing(ds, [int(t) for t in ds.targets], None, [_clean(c) for c in ds.classes])
+        return _Listing(ds, [int(t) for t in ds.targets], None, list(ds.classes))
     if name == "dtd":
         # torchvision's DTD root is the folder holding dtd/ (it appends 'dtd/dtd' itself).
         ds = tvd.DTD(root, split=split, partition=1, download=download)
         return _Listing(ds, list(_private(ds, "_labels")), [str(p) for p in _private(ds, "_image_files")],
-                        [_clean(c) for c in ds.classes])
+                        list(ds.classes))
     if name == "eurosat":
         ds = tvd.EuroSAT(root, download=download)
-        names = [_EUROSAT_NAMES.get(c, _camel_to_words(c)) for c in ds.classes]
-        return _Listing(ds, list(ds.targets), [p for p, _ in ds.samples], names)
+        return _Listing(ds, list(ds.targets), [p for p, _ in ds.samples], list(ds.classes))
     if name == "flowers":
         ds = tvd.Flowers102(root, split=split, download=download)
-        # torchvision's list carries a stray '?' ("pink-yellow dahlia?"); CLIP's does not.
-        names = [c.rstrip("?") for c in tvd.Flowers102.classes]
-        return _Listing(ds, list(_private(ds, "_labels")), [str(p) for p in _private(ds, "_image_files")], names)
+        return _Listing(ds, list(_private(ds, "_labels")), [str(p) for p in _private(ds, "_image_files")],
+                        list(tvd.Flowers102.classes))
     if name == "food":
         ds = tvd.Food101(root, split=split, download=download)
         return _Listing(ds, list(_private(ds, "_labels")), [str(p) for p in _private(ds, "_image_files")],
-                        [_clean(c) for c in ds.classes])
+                        list(ds.classes))
     if name == "mnist":
         ds = tvd.MNIST(root, train=split == "train", download=download)
-        return _Listing(ds, [int(t) for t in ds.targets.tolist()], None, [str(d) for d in range(10)])
+        return _Listing(ds, [int(t) for t in ds.targets.tolist()], None, list(ds.classes))
     if name == "oxford_pet":
         ds = tvd.OxfordIIITPet(root, split="trainval" if split == "train" else "test", target_types="category",
                                download=download)
@@ -421,7 +397,7 @@ def _list_dataset(name: str, root: str, split: Split, download: bool) -> _Listin
     if name == "sun397":
         ds = tvd.SUN397(root, download=download)
         return _Listing(ds, list(_private(ds, "_labels")), [str(p) for p in _private(ds, "_image_files")],
-                        [_clean(c) for c in ds.classes])
+                        list(ds.classes))
     raise AssertionError(f"unhandled MTIL dataset {name!r}")  # pragma: no cover - guarded by build_dataset
 
 
@@ -457,6 +433,13 @@ class MTILVisionDataset(Dataset):
         return len(self.indices)
 
     def __getitem__(self, i: int) -> tuple[Any, int]:
+        image, label = self.raw_item(i)
+        if self.transform is not None:
+            image = self.transform(image)
+        return image, label
+
+    def raw_item(self, i: int) -> tuple[Any, int]:
+        """`(decoded RGB image, label)` of item `i` before `transform` (where training augmentation starts)."""
         try:
             image, _ = self.base[self.indices[i]]
         except FileNotFoundError as exc:
@@ -467,8 +450,6 @@ class MTILVisionDataset(Dataset):
             ) from exc
         if isinstance(image, Image.Image) and image.mode != "RGB":
             image = image.convert("RGB")
-        if self.transform is not None:
-            image = self.transform(image)
         return image, self.labels[i]
 
 
@@ -577,19 +558,19 @@ def build_dataset(
             raise _not_found(
                 spec, root_path, f"{len(absent)} of {len(paths)} listed image files are missing, e.g. {absent[:3]}"
             )
-    if len(listing.classnames) != spec.num_classes:
+    if len(listing.classes) != spec.num_classes:
         logger.warning("%s: found %d classes under %s, the full dataset has %d (partial copy?)", spec.display_name,
-                       len(listing.classnames), root_path / spec.folder, spec.num_classes)
+                       len(listing.classes), root_path / spec.folder, spec.num_classes)
     if not n:
         raise _not_found(spec, root_path, "the listing holds no images")
 
     dataset = MTILVisionDataset(name, listing.base, order, labels, transform, paths)
-    logger.info("MTIL %s/%s: %d images, %d classes%s", name, split, len(order), len(listing.classnames),
+    logger.info("MTIL %s/%s: %d images, %d classes%s", name, split, len(order), len(listing.classes),
                 f", {few_shot}-shot (seed {seed})" if few_shot else "")
     return TaskDataset(
         name=name,
         dataset=dataset,
-        classnames=list(listing.classnames),
+        classnames=zscl_classnames(name, listing.classes),
         templates=list(spec.templates),
         split=split,
         targets=labels,

@@ -8,14 +8,15 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from igsp.data.augment import SeededAugment, augment_task, tensor_train_augment
 from igsp.data.base import CLIP_MEAN, CLIP_STD, TaskDataset
 from igsp.data.digits import DIGITS_TASKS, digits_benchmark
 from igsp.data.mtil import MTIL_DATASETS, build_dataset, mtil_order
-from igsp.data.synthetic import synthetic_benchmark
+from igsp.data.synthetic import SYNTHETIC_TEMPLATES, synthetic_benchmark
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["TaskStreamConfig", "build_task_stream", "stream_task_names"]
+__all__ = ["TaskStreamConfig", "build_task_stream", "describe_task", "known_task_names", "stream_task_names"]
 
 StreamKind = Literal["mtil", "digits", "synthetic"]
 
@@ -36,6 +37,8 @@ class TaskStreamConfig:
     mean: tuple[float, float, float] = field(default=CLIP_MEAN, metadata={"help": "digits / synthetic normalisation"})
     std: tuple[float, float, float] = field(default=CLIP_STD, metadata={"help": "digits / synthetic normalisation"})
     download: bool = field(default=False, metadata={"help": "MTIL: let torchvision download missing datasets"})
+    augment: bool = field(default=False, metadata={
+        "help": "train splits: the reference's RandomResizedCrop, seeded per (index, seed) key (igsp.data.augment)"})
     num_tasks: int = field(default=3, metadata={"help": "synthetic only"})
     num_classes: int = field(default=4, metadata={"help": "synthetic only"})
     samples_per_class: int = field(default=16, metadata={"help": "synthetic only (per split)"})
@@ -70,15 +73,41 @@ class TaskStreamConfig:
         return stream_task_names(self.kind, order=self.order, tasks=self.tasks, num_tasks=self.num_tasks)
 
 
+def known_task_names(kind: str, *, num_tasks: int = 3) -> list[str]:
+    """Every task name a stream of `kind` can hold (the keys a per-task setting such as `train.lr` may use)."""
+    if kind == "mtil":
+        return list(MTIL_DATASETS)
+    if kind == "digits":
+        return list(DIGITS_TASKS)
+    return [f"synthetic_{t}" for t in range(num_tasks)]
+
+
+def describe_task(kind: str, name: str, *, num_classes: int = 4) -> dict[str, Any]:
+    """A task's text side without loading data: {"display_name", "classes", "templates" (count), "train_template"}.
+
+    MTIL counts are the real datasets' (a partial copy on disk has fewer classes); unknown kinds give None fields.
+    """
+    if kind == "mtil" and name in MTIL_DATASETS:
+        spec = MTIL_DATASETS[name]
+        return {"display_name": spec.display_name, "classes": spec.num_classes, "templates": len(spec.templates),
+                "train_template": spec.train_template}
+    if kind == "digits" and name in DIGITS_TASKS:
+        d = DIGITS_TASKS[name]
+        return {"display_name": name, "classes": len(d.classnames), "templates": len(d.templates),
+                "train_template": d.templates[0]}
+    if kind == "synthetic":
+        return {"display_name": name, "classes": num_classes, "templates": len(SYNTHETIC_TEMPLATES),
+                "train_template": SYNTHETIC_TEMPLATES[0]}
+    return {"display_name": name, "classes": None, "templates": None, "train_template": None}
+
+
 def stream_task_names(kind: str, *, order: str = "I", tasks: list[str] | None = None, num_tasks: int = 3) -> list[str]:
     """The task names of a stream of `kind` without loading any data: `tasks` if given, else the default stream."""
     if tasks is not None:
         return list(tasks)
     if kind == "mtil":
         return list(mtil_order(order))
-    if kind == "digits":
-        return list(DIGITS_TASKS)
-    return [f"synthetic_{t}" for t in range(num_tasks)]
+    return known_task_names(kind, num_tasks=num_tasks)
 
 
 def build_task_stream(
@@ -92,7 +121,7 @@ def build_task_stream(
 
     Signature in words: `build_task_stream(config=None, *, transform=None, train_transform=None, **overrides)`;
     `overrides` are `TaskStreamConfig` fields (`kind`, `root`, `order`, `tasks`, `few_shot`, `image_size`,
-    `seed`, `mean`, `std`, `download`, `num_tasks`, `num_classes`, `samples_per_class`) applied on top of
+    `seed`, `mean`, `std`, `download`, `augment`, `num_tasks`, `num_classes`, `samples_per_class`) applied on top of
     `config` (or of the defaults), e.g. `build_task_stream(kind="mtil", root="/data", order="II",
     transform=preprocess)`.
 
@@ -103,9 +132,15 @@ def build_task_stream(
             tasks are tensors already (resized to `image_size`, normalised with `mean`/`std`); a transform given
             for them is not used (logged).
         train_transform: kind="mtil" only: the transform of the train splits (e.g. open_clip's train preprocess).
+            With `augment` it is the random transform that `dataset[(i, seed)]` runs seeded (required then);
+            without, it replaces `transform` on the train splits as is.
     Returns:
         one (train, test) pair of TaskDataset per task, in stream order; items are
-        `(float32 (3, H, W), int label)`. The few-shot subset (if any) applies to train splits only.
+        `(float32 (3, H, W), int label)`. The few-shot subset (if any) applies to train splits only. With
+        `augment` each train split's dataset is an `igsp.data.augment.AugmentedDataset`: `ds[i]` is the
+        evaluation view, `ds[(i, seed)]` the augmented one (MTIL: `train_transform` on the decoded image;
+        digits/synthetic: RandomResizedCrop(image_size, scale=(0.9, 1.0), bicubic) on the tensor); with
+        `few_shot` the crop is fixed per image (`per_item`), as MoE-Adapters' few-shot set.
     Raises:
         ValueError: a bad config. DatasetNotFoundError: an MTIL dataset is missing or incomplete.
     """
@@ -121,11 +156,18 @@ def build_task_stream(
         if transform is None:
             raise ValueError("kind='mtil' needs transform= (the open_clip preprocess that turns PIL images into "
                              "tensors), got None")
+        if cfg.augment and train_transform is None:
+            raise ValueError("augment=True with kind='mtil' needs train_transform= (the random train preprocess to "
+                             "seed, e.g. open_clip's preprocess_train), got None")
         assert cfg.root is not None  # checked by TaskStreamConfig
         stream = []
         for name in names:
-            train = build_dataset(name, cfg.root, "train", train_transform or transform, few_shot=cfg.few_shot,
-                                  seed=cfg.seed, download=cfg.download)
+            train = build_dataset(name, cfg.root, "train", transform if cfg.augment else train_transform or transform,
+                                  few_shot=cfg.few_shot, seed=cfg.seed, download=cfg.download)
+            if cfg.augment:
+                assert train_transform is not None
+                train = augment_task(train, SeededAugment(train_transform), raw=train.dataset.raw_item,
+                                     per_item=cfg.few_shot is not None)
             test = build_dataset(name, cfg.root, "test", transform, download=cfg.download)
             stream.append((train, test))
         return stream
@@ -136,7 +178,7 @@ def build_task_stream(
         common = dict(image_size=cfg.image_size, seed=cfg.seed, tasks=names, mean=cfg.mean, std=cfg.std)
         trains = digits_benchmark(split="train", few_shot=cfg.few_shot, **common)  # type: ignore[arg-type]
         tests = digits_benchmark(split="test", **common)  # type: ignore[arg-type]
-        return list(zip(trains, tests))
+        return list(zip(_augment_tensor_tasks(trains, cfg), tests))
 
     common = dict(num_tasks=cfg.num_tasks, num_classes=cfg.num_classes, image_size=cfg.image_size,
                   samples_per_class=cfg.samples_per_class, seed=cfg.seed, mean=cfg.mean, std=cfg.std)
@@ -145,4 +187,12 @@ def build_task_stream(
     trains = synthetic_benchmark(split="train", **common)  # type: ignore[arg-type]
     common["samples_per_class"] = cfg.samples_per_class
     tests = synthetic_benchmark(split="test", **common)  # type: ignore[arg-type]
-    return list(zip(trains, tests))
+    return list(zip(_augment_tensor_tasks(trains, cfg), tests))
+
+
+def _augment_tensor_tasks(trains: list[TaskDataset], cfg: TaskStreamConfig) -> list[TaskDataset]:
+    """The reference crop on the (already normalised) tensors of the digits / synthetic train splits."""
+    if not cfg.augment:
+        return trains
+    augment = SeededAugment(tensor_train_augment(cfg.image_size))
+    return [augment_task(t, augment, per_item=cfg.few_shot is not None) for t in trains]

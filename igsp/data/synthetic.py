@@ -22,7 +22,9 @@ from igsp.data.base import CLIP_MEAN, CLIP_STD, Split, TaskDataset, TensorTaskDa
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["SYNTHETIC_COLOURS", "synthetic_benchmark"]
+__all__ = ["SYNTHETIC_COLOURS", "SYNTHETIC_TEMPLATES", "synthetic_benchmark"]
+
+SYNTHETIC_TEMPLATES: tuple[str, ...] = ("a photo of {}.", "a picture of {}.")
 
 SYNTHETIC_COLOURS: tuple[tuple[str, tuple[float, float, float]], ...] = (
     ("red", (0.9, 0.1, 0.1)),
@@ -102,7 +104,7 @@ def synthetic_benchmark(
                 name=f"synthetic_{t}",
                 dataset=TensorTaskDataset(img, labels.clone()),
                 classnames=classnames,
-                templates=["a photo of {}.", "a picture of {}."],
+                templates=list(SYNTHETIC_TEMPLATES),
                 split=split,
                 targets=labels.tolist(),
             )

@@ -25,7 +25,7 @@ GRAYS = [30, 80, 130, 180, 230]  # MNIST is grayscale: the class is the gray lev
 
 @dataclass
 class FakeMeta:
-    classnames: list[str]  # what igsp must report (cleaned)
+    classnames: list[str]  # what igsp must report (ZSCL's class names)
     n_train: int | None  # None for datasets igsp splits itself (then n_total)
     n_test: int | None
     n_total: int | None = None
@@ -60,13 +60,14 @@ def make_aircraft(root: Path) -> FakeMeta:
 
 def make_caltech101(root: Path) -> FakeMeta:
     d = root / "caltech101" / "101_ObjectCategories"
-    cats = ["Faces", "Faces_easy", "accordion", "car_side", "water_lilly"]
+    cats = ["Faces", "Faces_easy", "accordion", "car_side", "crocodile_head", "water_lilly"]
     for ci, c in enumerate(cats):
         for i in range(1, 6):
             _jpg(d / c / f"image_{i:04d}.jpg", ci, mode="L" if (ci, i) == (2, 3) else "RGB")
     _jpg(d / "BACKGROUND_Google" / "image_0001.jpg", 0)
-    names = ["off-center face", "centered face", "accordion", "side of a car", "water lilly"]
-    return FakeMeta(names, None, None, n_total=25)
+    # ZSCL's hand-written names, quirks included (the double space, CLIP's "lilly").
+    names = ["off-center face", "centered face", "accordion", "side of a car", "head of a  crocodile", "water lilly"]
+    return FakeMeta(names, None, None, n_total=30)
 
 
 def make_cifar100(root: Path) -> FakeMeta:
@@ -116,10 +117,9 @@ def make_flowers(root: Path) -> FakeMeta:
     # >= 2 ids per set: with squeeze_me a single id becomes a scalar and torchvision's `.tolist()` breaks.
     sio.savemat(d / "setid.mat", {"trnid": np.array([[1, 2, 3, 4]]), "valid": np.array([[5, 6]]),
                                   "tstid": np.array([[7, 8, 9, 10, 11]])})
-    from torchvision.datasets import Flowers102
+    from igsp.data.mtil_prompts import FLOWERS102_CLASSNAMES
 
-    names = [c.rstrip("?") for c in Flowers102.classes]
-    return FakeMeta(names, 4, 5)
+    return FakeMeta(list(FLOWERS102_CLASSNAMES), 4, 5)  # torchvision always lists all 102 classes
 
 
 def make_food(root: Path) -> FakeMeta:
@@ -151,7 +151,9 @@ def make_mnist(root: Path) -> FakeMeta:
         # idx magic: 0x08 = uint8, low byte = number of dims (torchvision mnist.read_sn3_pascalvincent_tensor)
         _idx(raw / f"{prefix}-images-idx3-ubyte", 0x0803, (len(labels), 28, 28), imgs.tobytes())
         _idx(raw / f"{prefix}-labels-idx1-ubyte", 0x0801, (len(labels),), bytes(labels))
-    return FakeMeta([str(d) for d in range(10)], 10, 5, gray=True)
+    names = ["0 - zero", "1 - one", "2 - two", "3 - three", "4 - four", "5 - five", "6 - six", "7 - seven",
+             "8 - eight", "9 - nine"]  # torchvision's MNIST.classes, as ZSCL prompts them
+    return FakeMeta(names, 10, 5, gray=True)
 
 
 def make_oxford_pet(root: Path) -> FakeMeta:
@@ -197,7 +199,8 @@ def make_sun397(root: Path) -> FakeMeta:
     for ci, c in enumerate(classes):
         for i in range(5):
             _jpg(d / c.lstrip("/") / f"sun_{ci}{i:03d}abc.jpg", ci)
-    return FakeMeta(["abbey", "apartment building outdoor", "bakery shop"], None, None, n_total=15)
+    # ZSCL only turns "_" into " ": the sub-category separator "/" stays.
+    return FakeMeta(["abbey", "apartment building/outdoor", "bakery/shop"], None, None, n_total=15)
 
 
 BUILDERS = {

@@ -5,7 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from igsp.data.base import TaskDataset, TensorTaskDataset, few_shot_indices, random_split_indices
+from igsp.data.base import (
+    TaskDataset,
+    TensorTaskDataset,
+    few_shot_indices,
+    random_split_indices,
+    shuffled_pass_order,
+)
 
 
 def _tensor_ds(n: int) -> TensorTaskDataset:
@@ -41,6 +47,31 @@ def test_few_shot_counts_determinism_and_short_classes(caplog):
     for bad in (0, -1, 1.5, True):
         with pytest.raises(ValueError, match="few_shot"):
             few_shot_indices(targets, bad)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("n", [1, 5, 64, 301])  # one item, a partial batch, exactly a batch, several batches
+def test_shuffled_pass_order_is_a_shuffled_dataloaders_order(n):
+    # MoE-Adapters draws its few-shot set from one pass of a shuffled DataLoader after seed_all(seed): our order is
+    # that pass's, replayed on a private generator (the global RNG is left where it was).
+    for seed in (0, 42):
+        torch.manual_seed(seed)
+        loader = torch.utils.data.DataLoader(list(range(n)), batch_size=64, shuffle=True)
+        expected = [int(i) for batch in loader for i in batch]
+        state = torch.get_rng_state()
+        assert shuffled_pass_order(n, seed) == expected
+        assert torch.equal(torch.get_rng_state(), state)
+
+
+def test_few_shot_is_the_first_shots_of_each_class_in_that_pass():
+    # 5 classes with 3 to 40 items each: per class, the first `shots` items the shuffled pass meets.
+    targets = [c for c in range(5) for _ in range(3 + 9 * c)]
+    got = few_shot_indices(targets, 5, seed=42)
+    torch.manual_seed(42)
+    seen: dict[int, list[int]] = {}
+    for batch in torch.utils.data.DataLoader(list(range(len(targets))), batch_size=64, shuffle=True):
+        for i in batch.tolist():
+            seen.setdefault(targets[i], []).append(i)
+    assert got == sorted(i for items in seen.values() for i in items[:5])
 
 
 def test_task_dataset_validation():

@@ -211,3 +211,66 @@ def test_bad_arguments(fake_mtil):
         build_dataset("mnist", root, "train", "resize")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="few_shot"):
         build_dataset("mnist", root, "train", None, few_shot=0)
+
+
+# ZSCL mtil/src/datasets/collections.py (and cifar10.py for CIFAR-100): per dataset the number of templates and the
+# first one, which is also the training template (`dataset.template`), in the reference's order.
+ZSCL_TEMPLATE_PINS = {
+    "aircraft": (2, "a photo of a {}, a type of aircraft."),
+    "caltech101": (34, "a photo of a {}."),
+    "cifar100": (18, "a photo of a {}."),
+    "dtd": (8, "a photo of a {} texture."),
+    "eurosat": (3, "a centered satellite photo of {}."),
+    "flowers": (1, "a photo of a {}, a type of flower."),
+    "food": (1, "a photo of a {}, a type of food."),  # with the "a" our earlier copy dropped
+    "mnist": (1, 'a photo of the number: "{}".'),
+    "oxford_pet": (1, "a photo of a {}, a type of pet."),
+    "cars": (9, "a photo of a {}, a type of car."),
+    "sun397": (2, "a photo of a {}."),
+}
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_templates_are_zscls_in_order(name):
+    count, first = ZSCL_TEMPLATE_PINS[name]
+    spec = MTIL_DATASETS[name]
+    assert len(spec.templates) == count and spec.templates[0] == first == spec.train_template
+    assert len(set(spec.templates)) == count  # no duplicates: every template is its own prompt
+
+
+def test_template_quirks_and_last_entries_are_verbatim():
+    # Copied verbatim, ungrammatical ones included: changing them changes the zero-shot numbers.
+    t = {name: MTIL_DATASETS[name].templates for name in ALL}
+    assert "a embroidered {}." in t["caltech101"] and "a origami {}." in t["caltech101"]
+    assert t["caltech101"][-1] == "a doodle of the {}." and t["cifar100"][-1] == "a photo of the big {}."
+    assert t["dtd"][-1] == "a photo of the {} object." and t["cars"][-1] == "a photo of my old {}."
+    assert t["cars"][4] == "i love my {}!"
+
+
+def test_class_name_rules(fake_mtil, bypass_md5):
+    # ZSCL's only generic rule is "_" -> " " (slashes and case kept); Caltech101, EuroSAT and Flowers102 use its
+    # hand-written lists, looked up by folder / label.
+    from torchvision.datasets import Flowers102
+
+    from igsp.data.mtil_prompts import CALTECH101_CLASSNAMES, FLOWERS102_CLASSNAMES, zscl_classnames
+
+    root, _ = fake_mtil
+    names = {n: build_dataset(n, root, "test", None).classnames for n in ("sun397", "mnist", "cifar100", "food")}
+    assert names["sun397"][1] == "apartment building/outdoor"
+    assert names["mnist"][:2] == ["0 - zero", "1 - one"]
+    assert names["cifar100"][1] == "aquarium fish" and names["food"][0] == "apple pie"
+    assert len(CALTECH101_CLASSNAMES) == 101 and CALTECH101_CLASSNAMES["crocodile_head"] == "head of a  crocodile"
+    assert list(CALTECH101_CLASSNAMES) == sorted(CALTECH101_CLASSNAMES)  # torchvision's (sorted) folder order
+    # torchvision's Flowers102 list differs from ZSCL's in one entry only.
+    diff = [(a, b) for a, b in zip(Flowers102.classes, FLOWERS102_CLASSNAMES) if a != b]
+    assert diff == [("pink-yellow dahlia?", "pink-yellow dahlia")]
+    assert zscl_classnames("aircraft", ["F/A-18", "Cessna_172"]) == ["F/A-18", "Cessna 172"]
+
+
+def test_unknown_caltech_folder_is_named_and_logged(caplog):
+    # A folder outside Caltech101's 101 keeps the generic rule (ZSCL would shift every later name by one).
+    from igsp.data.mtil_prompts import zscl_classnames
+
+    with caplog.at_level("WARNING", logger="igsp.data.mtil_prompts"):
+        got = zscl_classnames("caltech101", ["Faces", "my_extra", "yin_yang"])
+    assert got == ["off-center face", "my extra", "yin and yang symbol"] and "my_extra" in caplog.text
