@@ -15,7 +15,19 @@ Changing the pool replaces the expert Parameters: rebuild the optimizer after `a
 Routing. Per-sample (default, MoE-Adapters): all tokens of a sample share the experts chosen from one route
 vector (its first token, or the token mean). Per-token: each row routes itself. The routing task is set by
 `set_task` (one task for the batch) or `set_sample_tasks` (a task per sample, -1 = adapters off: the
-task-agnostic deployment path).
+task-agnostic deployment path). `route(x)` returns the decision (`RoutingDecision`) without applying it and
+`forward(x, routing=decision)` applies a precomputed one, so a block can route once for several layers.
+
+Gating noise (training only). `noise_std > 0`: fixed Gaussian noise on the logits. `noise="learned"`:
+MoE-Adapters' noisy top-k gating, logits = x W_g + eps * (softplus(x W_noise) + noise_floor), eps ~ N(0, 1),
+with a learned per-router W_noise (E, d) initialised to zero (MoE-Adapters' w_noise; noise_floor = its
+noise_epsilon, 1e-2).
+
+Expert dropout (`expert_dropout = p`, training only). Each assignment's hidden activation phi(x A_e + ba_e) is
+multiplied by an inverted-dropout mask before the up-projection (MoE-Adapters' adapter: dropout(p = 0.1) after
+its ReLU, before up_proj). The fused kernels take no mask, so a training forward with p > 0 runs the expert
+term through the eager reference (`moe_lora_ref(hidden_mask=)`; said once at info level when such a layer is
+built); eval mode and p = 0 run the fused kernels.
 
 Usage statistics (`usage_weight`, `usage_prob`, `usage_rows`) are buffers updated on the device under no_grad:
 no host sync in forward.
@@ -43,7 +55,7 @@ from igsp_kernels.functional import (
     moe_lora,
     route_topk,
 )
-from igsp_kernels.reference.moe_lora import ACTIVATIONS
+from igsp_kernels.reference.moe_lora import ACTIVATIONS, moe_lora_ref
 from igsp_kernels.reference.routing import expand_sample_routing
 
 __all__ = [
@@ -61,6 +73,7 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 Routing = Literal["sample", "token"]
+NoiseKind = Literal["fixed", "learned"]
 RouteToken = Literal["first", "mean"]
 _GROUPS = ("frozen", "train")
 ExpertBias = tuple[torch.Tensor | None, torch.Tensor | None]
@@ -79,6 +92,16 @@ class RoutingDecision(NamedTuple):
     probs: torch.Tensor
 
 
+_LOGGED: set[str] = set()
+
+
+def _log_once(key: str, msg: str) -> None:
+    """Log `msg` at info level once per process (called from constructors, never from a traced forward)."""
+    if key not in _LOGGED:
+        _LOGGED.add(key)
+        logger.info(msg)
+
+
 def _task_key(task: str | int) -> str:
     key = str(task)
     if not key or "." in key:
@@ -89,14 +112,18 @@ def _task_key(task: str | int) -> str:
 class TaskRouter(nn.Module):
     """One task's router: logits = x_route @ weight^T over the expert pool, `active` masks usable experts.
 
-    weight: (E, d_route) fp32; active: (E,) bool buffer.
+    weight: (E, d_route); active: (E,) bool buffer. With `learned_noise`, also noise_weight (E, d_route), zero at
+    init as MoE-Adapters' w_noise: the noise std of noisy top-k gating is softplus(x_route @ noise_weight^T) + floor.
     """
 
     def __init__(self, in_features: int, num_experts: int, *, init_std: float = 0.02,
-                 active: torch.Tensor | None = None, device: torch.device | None = None) -> None:
+                 active: torch.Tensor | None = None, learned_noise: bool = False,
+                 device: torch.device | None = None, dtype: torch.dtype | None = None) -> None:
         super().__init__()
-        self.weight = nn.Parameter(torch.empty(num_experts, in_features, device=device))
+        self.weight = nn.Parameter(torch.empty(num_experts, in_features, device=device, dtype=dtype))
         nn.init.normal_(self.weight, std=init_std) if init_std > 0 else nn.init.zeros_(self.weight)
+        self.noise_weight = (nn.Parameter(torch.zeros(num_experts, in_features, device=device, dtype=dtype))
+                             if learned_noise else None)
         mask = torch.ones(num_experts, dtype=torch.bool, device=device) if active is None else active.clone()
         self.register_buffer("active", mask)
 
@@ -108,22 +135,33 @@ class TaskRouter(nn.Module):
         """x_route (N, d_route) -> logits (N, E) in fp32 (routing decisions are precision-sensitive)."""
         return F.linear(x_route.float(), self.weight.float())
 
+    def noise_std(self, x_route: torch.Tensor, floor: float) -> torch.Tensor:
+        """(N, E) fp32 learned noise std softplus(x_route @ noise_weight^T) + floor (needs learned_noise)."""
+        if self.noise_weight is None:
+            raise RuntimeError("this router has no learned noise (built with learned_noise=False)")
+        return F.softplus(F.linear(x_route.float(), self.noise_weight.float())) + floor
+
     def _reindex(self, order: torch.Tensor, new_active: torch.Tensor | None = None) -> None:
         """Keep/permute columns: new expert i = old expert order[i] (order[i] = -1: a new, inactive expert)."""
-        with torch.no_grad():
-            keep = order.clamp(min=0)
-            if self.weight.shape[0]:
-                w = self.weight.detach()[keep].clone()
-                a = self.active[keep].clone()
+        fresh = order < 0
+
+        def pick(p: torch.Tensor) -> torch.Tensor:
+            if p.shape[0]:
+                out = p.detach()[order.clamp(min=0)].clone()
             else:  # a router made before any expert existed: every column is new
-                w = self.weight.new_zeros(order.shape[0], self.weight.shape[1])
-                a = torch.zeros(order.shape[0], dtype=torch.bool, device=self.active.device)
-            fresh = order < 0
-            w[fresh] = 0.0
-            a[fresh] = False
+                out = p.new_zeros(order.shape[0], *p.shape[1:])
+            out[fresh] = 0  # a new expert starts with zero gate (and zero noise) weights
+            return out
+
+        with torch.no_grad():
+            w = pick(self.weight)
+            nw = None if self.noise_weight is None else pick(self.noise_weight)
+            a = pick(self.active)
             if new_active is not None:
                 a |= new_active
         self.weight = nn.Parameter(w, requires_grad=self.weight.requires_grad)
+        if nw is not None:
+            self.noise_weight = nn.Parameter(nw, requires_grad=self.noise_weight.requires_grad)
         self.active = a
 
     def extra_repr(self) -> str:
@@ -158,6 +196,9 @@ class MoELoRALinear(nn.Module):
         route_token: RouteToken = "first",
         batch_first: bool = True,
         noise_std: float = 0.0,
+        noise: NoiseKind = "fixed",
+        noise_floor: float = 1e-2,
+        expert_dropout: float = 0.0,
         router_init_std: float = 0.02,
         backend: BackendName = "auto",
         device: torch.device | str | None = None,
@@ -177,6 +218,15 @@ class MoELoRALinear(nn.Module):
             raise ValueError(f"route_token must be 'first' or 'mean', got {route_token!r}")
         if noise_std < 0:
             raise ValueError(f"noise_std must be >= 0, got {noise_std!r}")
+        if noise not in ("fixed", "learned"):
+            raise ValueError(f"noise must be 'fixed' (noise_std) or 'learned' (noisy top-k gating), got {noise!r}")
+        if noise == "learned" and noise_std:
+            raise ValueError("noise='learned' learns the noise std per router: noise_std must be 0, "
+                             f"got {noise_std!r}")
+        if not noise_floor >= 0:
+            raise ValueError(f"noise_floor must be >= 0, got {noise_floor!r}")
+        if not 0.0 <= expert_dropout < 1.0:
+            raise ValueError(f"expert_dropout must lie in [0, 1), got {expert_dropout!r}")
         if base is not None:
             if not isinstance(base, nn.Linear):
                 raise TypeError(f"base must be an nn.Linear, got {type(base).__name__}")
@@ -196,6 +246,13 @@ class MoELoRALinear(nn.Module):
         self.route_token = route_token
         self.batch_first = batch_first
         self.noise_std = float(noise_std)
+        self.noise = noise
+        self.noise_floor = float(noise_floor)
+        self.expert_dropout = float(expert_dropout)
+        if expert_dropout > 0:
+            _log_once("expert_dropout", "expert_dropout > 0: training forwards run the LoRA branch through the eager "
+                      "reference with an explicit dropout mask (the fused kernels take none); eval mode and "
+                      "expert_dropout = 0 use the fused kernels")
         self.router_init_std = float(router_init_std)
         self.backend = backend
         self.base_layer = base
@@ -382,7 +439,8 @@ class MoELoRALinear(nn.Module):
                 raise ValueError(f"active must be a bool mask of shape ({E},), "
                                  f"got {active.dtype} {tuple(active.shape)}")
             active = active.to(self.device)
-        router = TaskRouter(self.in_features, E, init_std=self.router_init_std, active=active, device=self.device)
+        router = TaskRouter(self.in_features, E, init_std=self.router_init_std, active=active,
+                            learned_noise=self.noise == "learned", device=self.device)
         self.routers[key] = router
         return router
 
@@ -448,13 +506,23 @@ class MoELoRALinear(nn.Module):
         return xr, seq.shape[1]
 
     def _logits(self, xr: torch.Tensor, tasks: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(N, E) fp32 logits (with the learned gating noise drawn in training) and the (E,) or (N, E) mask."""
+        learned = self.training and self.noise == "learned"
         if tasks is None:
             router = self.routers[self.active_task]
-            return router(xr), router.active
-        weights = torch.stack([r.weight for r in self.routers.values()])  # (n_tasks, E, d)
-        masks = torch.stack([r.active for r in self.routers.values()])  # (n_tasks, E)
+            logits = router(xr)
+            if learned:
+                logits = logits + torch.randn_like(logits) * router.noise_std(xr, self.noise_floor)
+            return logits, router.active
+        routers = list(self.routers.values())
         sel = tasks.clamp(min=0)
+        weights = torch.stack([r.weight for r in routers])  # (n_tasks, E, d)
+        masks = torch.stack([r.active for r in routers])  # (n_tasks, E)
         logits = torch.einsum("nd,ned->ne", xr.float(), weights.float()[sel])
+        if learned:
+            noise_w = torch.stack([r.noise_weight for r in routers]).float()[sel]
+            std = F.softplus(torch.einsum("nd,ned->ne", xr.float(), noise_w)) + self.noise_floor
+            logits = logits + torch.randn_like(logits) * std
         return logits, masks[sel] | (tasks < 0).unsqueeze(1)  # an off row keeps every expert (weight 0 later)
 
     def _routing_on(self) -> bool:
@@ -552,13 +620,27 @@ class MoELoRALinear(nn.Module):
                 idx, w = idx.repeat(L, 1), w.repeat(L, 1)
         A, B, eb = self.expert_weights()
         x2 = x.reshape(-1, self.in_features)
-        y = moe_lora(
-            x2, A, B, idx, w,
-            base_weight=None if base is None else base.weight,
-            base_bias=None if base is None else base.bias,
-            scale=self.scale, activation=self.activation, expert_bias=eb, backend=self.backend,
-        )
+        base_w = None if base is None else base.weight
+        base_b = None if base is None else base.bias
+        if self.training and self.expert_dropout > 0:
+            y = self._dropout_forward(x2, A, B, idx, w, base_w, base_b, eb)
+        else:
+            y = moe_lora(x2, A, B, idx, w, base_weight=base_w, base_bias=base_b, scale=self.scale,
+                         activation=self.activation, expert_bias=eb, backend=self.backend)
         return y.reshape(*x.shape[:-1], self.out_features)
+
+    def _dropout_forward(self, x2: torch.Tensor, A: torch.Tensor, B: torch.Tensor, idx: torch.Tensor,
+                         w: torch.Tensor, base_w: torch.Tensor | None, base_b: torch.Tensor | None,
+                         eb: ExpertBias | None) -> torch.Tensor:
+        """Training with expert dropout: each assignment's hidden activation phi(x A_e + ba_e) (T, k, r) times an
+        inverted-dropout mask (MoE-Adapters: dropout(p) after the adapter's ReLU, before up_proj), computed by the
+        eager reference: the fused kernels take no mask (logged once at construction)."""
+        T, k = idx.shape
+        keep = 1.0 - self.expert_dropout
+        mask = torch.empty(T, k, self.rank, device=x2.device).bernoulli_(keep).div_(keep)
+        return moe_lora_ref(x2, A, B, idx, w, base_weight=base_w, base_bias=base_b, scale=self.scale,
+                            activation=self.activation, bias_a=None if eb is None else eb[0],
+                            bias_b=None if eb is None else eb[1], hidden_mask=mask)
 
     def _route_backend(self) -> BackendName:
         # The C++ extension has no routing op: let routing dispatch on its own when cpp is forced.
@@ -592,17 +674,20 @@ class MoELoRALinear(nn.Module):
             pattern = re.compile(re.escape(prefix) + r"routers\.([^.]+)\.weight$")
             for key in state_dict:
                 m = pattern.match(key)
-                if m and m.group(1) not in self.routers:
-                    self.routers[m.group(1)] = TaskRouter(self.in_features, E, init_std=0.0, device=dev)
-                elif m and self.routers[m.group(1)].num_experts != E:
-                    self.routers[m.group(1)] = TaskRouter(self.in_features, E, init_std=0.0, device=dev)
+                if m and (m.group(1) not in self.routers or self.routers[m.group(1)].num_experts != E):
+                    self.routers[m.group(1)] = TaskRouter(self.in_features, E, init_std=0.0, device=dev,
+                                                          learned_noise=self.noise == "learned")
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"base={self.base_layer is not None}, "
                 f"experts={self.num_experts} (frozen {self.num_frozen}), rank={self.rank}, top_k={self.top_k}, "
-                f"scale={self.scale}, activation={self.activation}, routing={self.routing}, tasks={self.task_names}")
+                f"scale={self.scale}, activation={self.activation}, routing={self.routing}, "
+                f"noise={self._noise_repr()}, expert_dropout={self.expert_dropout}, tasks={self.task_names}")
+
+    def _noise_repr(self) -> str:
+        return f"learned (floor {self.noise_floor})" if self.noise == "learned" else str(self.noise_std)
 
 
 # ------------------------------------------------------------------------------------------------ injection

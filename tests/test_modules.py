@@ -328,3 +328,107 @@ def test_route_without_a_task_says_what_to_call():
     m = MoELoRALinear.from_linear(nn.Linear(10, 7), num_experts=2, rank=2)
     with pytest.raises(RuntimeError, match=r"no task is set \(set_task\(task\) or set_sample_tasks"):
         m.route(torch.randn(2, 10))
+
+
+# ------------------------------------------------------------------------ expert dropout, learned noisy gating
+def test_expert_dropout_masks_the_hidden_activation_in_training_only():
+    # rank 1, k = 1, identity: each row's LoRA term is s * w * m_t * (x_t A) B with m_t in {0, 1 / (1 - p)}.
+    torch.manual_seed(0)
+    p = 0.25
+    m = MoELoRALinear.from_linear(nn.Linear(10, 7), num_experts=1, rank=1, top_k=1, scale=0.5, expert_dropout=p)
+    m.add_router(0)
+    m.set_task(0)
+    with torch.no_grad():
+        m.B_train.normal_()
+    x = torch.randn(4000, 10)
+    full = 0.5 * (x @ m.A_train[0]) @ m.B_train[0]  # (T, 7), the undropped term
+    m.train()
+    delta = m(x) - m.base_layer(x)
+    ratio = (delta * full).sum(-1) / full.square().sum(-1)  # the per-row mask value
+    kept = ratio > 0.5
+    torch.testing.assert_close(ratio[kept], torch.full_like(ratio[kept], 1 / (1 - p)), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(ratio[~kept], torch.zeros_like(ratio[~kept]), atol=1e-4, rtol=0)
+    assert abs(kept.float().mean().item() - (1 - p)) < 0.03  # 4000 Bernoulli(0.75) draws: sd 0.007
+    delta.square().sum().backward()
+    assert m.A_train.grad.abs().sum() > 0
+    m.eval()  # eval: no mask, the fused path
+    torch.testing.assert_close(m(x) - m.base_layer(x), full, atol=1e-5, rtol=1e-5)
+
+
+def test_expert_dropout_zero_and_eval_match_a_layer_without_it():
+    a, b = layer(), layer(expert_dropout=0.5)
+    x = torch.randn(3, 5, 10)
+    b.eval()
+    torch.testing.assert_close(b(x), a.eval()(x))
+    c = layer(expert_dropout=0.0)
+    torch.testing.assert_close(c.train()(x), a.train()(x))
+
+
+def test_learned_noise_router_parameters_and_draw():
+    m = layer(noise="learned", noise_floor=0.01)
+    router = m.routers["t0"]
+    assert router.noise_weight.shape == (4, 10) and router.noise_weight.abs().sum() == 0  # zero init
+    with torch.no_grad():
+        router.noise_weight.normal_()
+    x = torch.randn(5, 3, 10)
+    m.eval()
+    clean = m.route(x)
+    torch.testing.assert_close(m.route(x).topk_w, clean.topk_w)  # eval: no noise
+    m.train()
+    torch.manual_seed(3)
+    noisy = m.route(x)
+    torch.manual_seed(3)
+    xr = x[:, 0]
+    std = torch.nn.functional.softplus(xr @ router.noise_weight.T) + 0.01
+    logits = xr @ router.weight.T + torch.randn(5, 4) * std
+    want = ik.route_topk(logits, 2)
+    torch.testing.assert_close(noisy.topk_idx, want[0])
+    torch.testing.assert_close(noisy.topk_w, want[1])
+    m(x).square().sum().backward()  # the noise std is learned: gradients reach noise_weight
+    assert router.noise_weight.grad is not None and router.noise_weight.grad.abs().sum() > 0
+
+
+def test_learned_noise_follows_expert_reindexing_and_sample_tasks():
+    m = layer(noise="learned")
+    with torch.no_grad():
+        m.routers["t0"].noise_weight.copy_(torch.arange(4.0).unsqueeze(1).expand(4, 10))
+    m.add_router("t1")
+    m.freeze_experts([2])  # expert 2 moves to position 0 in every router
+    assert m.routers["t0"].noise_weight[:, 0].tolist() == [2.0, 0.0, 1.0, 3.0]
+    m.add_experts(1, active_in=["t1"])
+    assert m.routers["t1"].noise_weight.shape == (5, 10) and m.routers["t1"].noise_weight[4].abs().sum() == 0
+    m.set_sample_tasks(torch.tensor([0, 1, -1]))
+    m.train()
+    y = m(torch.randn(3, 4, 10))
+    assert torch.isfinite(y).all()
+
+
+@pytest.mark.parametrize("kwargs,pattern", [
+    (dict(noise="gumbel"), r"noise must be 'fixed' \(noise_std\) or 'learned' \(noisy top-k gating\), got 'gumbel'"),
+    (dict(noise="learned", noise_std=0.1), r"noise='learned' learns the noise std per router: noise_std must be 0"),
+    (dict(expert_dropout=1.0), r"expert_dropout must lie in \[0, 1\), got 1.0"),
+    (dict(noise_floor=-1.0), r"noise_floor must be >= 0, got -1.0"),
+])
+def test_gating_options_are_validated(kwargs, pattern):
+    with pytest.raises(ValueError, match=pattern):
+        MoELoRALinear(4, 4, **kwargs)
+
+
+def test_learned_noise_state_dict_round_trip():
+    m = layer(noise="learned")
+    with torch.no_grad():
+        m.routers["t0"].noise_weight.normal_()
+    fresh = MoELoRALinear.from_linear(nn.Linear(10, 7), rank=3, top_k=2, scale=0.5, noise="learned")
+    fresh.load_state_dict(m.state_dict())
+    torch.testing.assert_close(fresh.routers["t0"].noise_weight, m.routers["t0"].noise_weight)
+
+
+def test_expert_dropout_says_once_that_training_uses_the_reference(caplog):
+    import igsp_kernels.modules as modules
+
+    modules._LOGGED.discard("expert_dropout")
+    with caplog.at_level("INFO", logger="igsp_kernels.modules"):
+        layer(expert_dropout=0.1)
+        layer(expert_dropout=0.1)
+    said = [r for r in caplog.records if "expert_dropout > 0" in r.getMessage()]
+    assert len(said) == 1 and said[0].levelname == "INFO"
