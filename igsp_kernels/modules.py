@@ -15,7 +15,19 @@ Changing the pool replaces the expert Parameters: rebuild the optimizer after `a
 Routing. Per-sample (default, MoE-Adapters): all tokens of a sample share the experts chosen from one route
 vector (its first token, or the token mean). Per-token: each row routes itself. The routing task is set by
 `set_task` (one task for the batch) or `set_sample_tasks` (a task per sample, -1 = adapters off: the
-task-agnostic deployment path).
+task-agnostic deployment path). `route(x)` returns the decision (`RoutingDecision`) without applying it and
+`forward(x, routing=decision)` applies a precomputed one, so a block can route once for several layers.
+
+Gating noise (training only). `noise_std > 0`: fixed Gaussian noise on the logits. `noise="learned"`:
+MoE-Adapters' noisy top-k gating, logits = x W_g + eps * (softplus(x W_noise) + noise_floor), eps ~ N(0, 1),
+with a learned per-router W_noise (E, d) initialised to zero (MoE-Adapters' w_noise; noise_floor = its
+noise_epsilon, 1e-2).
+
+Expert dropout (`expert_dropout = p`, training only). Each assignment's hidden activation phi(x A_e + ba_e) is
+multiplied by an inverted-dropout mask before the up-projection (MoE-Adapters' adapter: dropout(p = 0.1) after
+its ReLU, before up_proj). The fused kernels take no mask, so a training forward with p > 0 runs the expert
+term through the eager reference (`moe_lora_ref(hidden_mask=)`; said once at info level when such a layer is
+built); eval mode and p = 0 run the fused kernels.
 
 Usage statistics (`usage_weight`, `usage_prob`, `usage_rows`) are buffers updated on the device under no_grad:
 no host sync in forward.
@@ -27,18 +39,28 @@ import logging
 import math
 import re
 from collections.abc import Iterable, Iterator, Sequence
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from igsp_kernels.functional import Activation, BackendName, moe_lora, route_topk
-from igsp_kernels.reference.moe_lora import ACTIVATIONS
+from igsp_kernels.functional import (
+    _FLOAT_DTYPES,
+    _INDEX_DTYPES,
+    Activation,
+    BackendName,
+    _check_index_range,
+    _check_tensor,
+    moe_lora,
+    route_topk,
+)
+from igsp_kernels.reference.moe_lora import ACTIVATIONS, moe_lora_ref
 from igsp_kernels.reference.routing import expand_sample_routing
 
 __all__ = [
     "MoELoRALinear",
+    "RoutingDecision",
     "TaskRouter",
     "add_router",
     "count_parameters",
@@ -51,9 +73,33 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 Routing = Literal["sample", "token"]
+NoiseKind = Literal["fixed", "learned"]
 RouteToken = Literal["first", "mean"]
 _GROUPS = ("frozen", "train")
 ExpertBias = tuple[torch.Tensor | None, torch.Tensor | None]
+
+
+class RoutingDecision(NamedTuple):
+    """A layer's routing for one input (`MoELoRALinear.route`), reusable by `forward(x, routing=...)`.
+
+    topk_idx: (N, k) int32 experts; topk_w: (N, k) fp32 gates (rows sum to 1, or 0 for a sample whose adapters are
+    off); probs: (N, E) fp32 router probabilities. N = B samples under per-sample routing of a 3-D input, else
+    the number of token rows.
+    """
+
+    topk_idx: torch.Tensor
+    topk_w: torch.Tensor
+    probs: torch.Tensor
+
+
+_LOGGED: set[str] = set()
+
+
+def _log_once(key: str, msg: str) -> None:
+    """Log `msg` at info level once per process (called from constructors, never from a traced forward)."""
+    if key not in _LOGGED:
+        _LOGGED.add(key)
+        logger.info(msg)
 
 
 def _task_key(task: str | int) -> str:
@@ -66,14 +112,18 @@ def _task_key(task: str | int) -> str:
 class TaskRouter(nn.Module):
     """One task's router: logits = x_route @ weight^T over the expert pool, `active` masks usable experts.
 
-    weight: (E, d_route) fp32; active: (E,) bool buffer.
+    weight: (E, d_route); active: (E,) bool buffer. With `learned_noise`, also noise_weight (E, d_route), zero at
+    init as MoE-Adapters' w_noise: the noise std of noisy top-k gating is softplus(x_route @ noise_weight^T) + floor.
     """
 
     def __init__(self, in_features: int, num_experts: int, *, init_std: float = 0.02,
-                 active: torch.Tensor | None = None, device: torch.device | None = None) -> None:
+                 active: torch.Tensor | None = None, learned_noise: bool = False,
+                 device: torch.device | None = None, dtype: torch.dtype | None = None) -> None:
         super().__init__()
-        self.weight = nn.Parameter(torch.empty(num_experts, in_features, device=device))
+        self.weight = nn.Parameter(torch.empty(num_experts, in_features, device=device, dtype=dtype))
         nn.init.normal_(self.weight, std=init_std) if init_std > 0 else nn.init.zeros_(self.weight)
+        self.noise_weight = (nn.Parameter(torch.zeros(num_experts, in_features, device=device, dtype=dtype))
+                             if learned_noise else None)
         mask = torch.ones(num_experts, dtype=torch.bool, device=device) if active is None else active.clone()
         self.register_buffer("active", mask)
 
@@ -85,22 +135,33 @@ class TaskRouter(nn.Module):
         """x_route (N, d_route) -> logits (N, E) in fp32 (routing decisions are precision-sensitive)."""
         return F.linear(x_route.float(), self.weight.float())
 
+    def noise_std(self, x_route: torch.Tensor, floor: float) -> torch.Tensor:
+        """(N, E) fp32 learned noise std softplus(x_route @ noise_weight^T) + floor (needs learned_noise)."""
+        if self.noise_weight is None:
+            raise RuntimeError("this router has no learned noise (built with learned_noise=False)")
+        return F.softplus(F.linear(x_route.float(), self.noise_weight.float())) + floor
+
     def _reindex(self, order: torch.Tensor, new_active: torch.Tensor | None = None) -> None:
         """Keep/permute columns: new expert i = old expert order[i] (order[i] = -1: a new, inactive expert)."""
-        with torch.no_grad():
-            keep = order.clamp(min=0)
-            if self.weight.shape[0]:
-                w = self.weight.detach()[keep].clone()
-                a = self.active[keep].clone()
+        fresh = order < 0
+
+        def pick(p: torch.Tensor) -> torch.Tensor:
+            if p.shape[0]:
+                out = p.detach()[order.clamp(min=0)].clone()
             else:  # a router made before any expert existed: every column is new
-                w = self.weight.new_zeros(order.shape[0], self.weight.shape[1])
-                a = torch.zeros(order.shape[0], dtype=torch.bool, device=self.active.device)
-            fresh = order < 0
-            w[fresh] = 0.0
-            a[fresh] = False
+                out = p.new_zeros(order.shape[0], *p.shape[1:])
+            out[fresh] = 0  # a new expert starts with zero gate (and zero noise) weights
+            return out
+
+        with torch.no_grad():
+            w = pick(self.weight)
+            nw = None if self.noise_weight is None else pick(self.noise_weight)
+            a = pick(self.active)
             if new_active is not None:
                 a |= new_active
         self.weight = nn.Parameter(w, requires_grad=self.weight.requires_grad)
+        if nw is not None:
+            self.noise_weight = nn.Parameter(nw, requires_grad=self.noise_weight.requires_grad)
         self.active = a
 
     def extra_repr(self) -> str:
@@ -135,6 +196,9 @@ class MoELoRALinear(nn.Module):
         route_token: RouteToken = "first",
         batch_first: bool = True,
         noise_std: float = 0.0,
+        noise: NoiseKind = "fixed",
+        noise_floor: float = 1e-2,
+        expert_dropout: float = 0.0,
         router_init_std: float = 0.02,
         backend: BackendName = "auto",
         device: torch.device | str | None = None,
@@ -154,6 +218,15 @@ class MoELoRALinear(nn.Module):
             raise ValueError(f"route_token must be 'first' or 'mean', got {route_token!r}")
         if noise_std < 0:
             raise ValueError(f"noise_std must be >= 0, got {noise_std!r}")
+        if noise not in ("fixed", "learned"):
+            raise ValueError(f"noise must be 'fixed' (noise_std) or 'learned' (noisy top-k gating), got {noise!r}")
+        if noise == "learned" and noise_std:
+            raise ValueError("noise='learned' learns the noise std per router: noise_std must be 0, "
+                             f"got {noise_std!r}")
+        if not noise_floor >= 0:
+            raise ValueError(f"noise_floor must be >= 0, got {noise_floor!r}")
+        if not 0.0 <= expert_dropout < 1.0:
+            raise ValueError(f"expert_dropout must lie in [0, 1), got {expert_dropout!r}")
         if base is not None:
             if not isinstance(base, nn.Linear):
                 raise TypeError(f"base must be an nn.Linear, got {type(base).__name__}")
@@ -173,6 +246,13 @@ class MoELoRALinear(nn.Module):
         self.route_token = route_token
         self.batch_first = batch_first
         self.noise_std = float(noise_std)
+        self.noise = noise
+        self.noise_floor = float(noise_floor)
+        self.expert_dropout = float(expert_dropout)
+        if expert_dropout > 0:
+            _log_once("expert_dropout", "expert_dropout > 0: training forwards run the LoRA branch through the eager "
+                      "reference with an explicit dropout mask (the fused kernels take none); eval mode and "
+                      "expert_dropout = 0 use the fused kernels")
         self.router_init_std = float(router_init_std)
         self.backend = backend
         self.base_layer = base
@@ -359,7 +439,8 @@ class MoELoRALinear(nn.Module):
                 raise ValueError(f"active must be a bool mask of shape ({E},), "
                                  f"got {active.dtype} {tuple(active.shape)}")
             active = active.to(self.device)
-        router = TaskRouter(self.in_features, E, init_std=self.router_init_std, active=active, device=self.device)
+        router = TaskRouter(self.in_features, E, init_std=self.router_init_std, active=active,
+                            learned_noise=self.noise == "learned", device=self.device)
         self.routers[key] = router
         return router
 
@@ -400,39 +481,72 @@ class MoELoRALinear(nn.Module):
         return self.usage_weight / self.usage_rows.clamp(min=1)
 
     # ------------------------------------------------------------------------------------------- forward
+    def _check_input(self, x: torch.Tensor) -> None:
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"input must be a torch.Tensor, got {type(x).__name__}")
+        if x.dim() < 1 or x.shape[-1] != self.in_features:
+            raise ValueError(f"input must have shape (..., {self.in_features}), got {tuple(x.shape)}")
+
+    def _samples(self, x: torch.Tensor) -> tuple[int, int]:
+        """(routed rows N, tokens per routed row L) of input `x` under this layer's routing mode."""
+        if self.routing == "token" or x.dim() <= 2:
+            return x.numel() // self.in_features, 1
+        if x.dim() != 3:
+            raise ValueError("per-sample routing needs a 2-D (N, d) or 3-D (B, L, d) input, "
+                             f"got shape {tuple(x.shape)}")
+        return (x.shape[0], x.shape[1]) if self.batch_first else (x.shape[1], x.shape[0])
+
     def _route_input(self, x: torch.Tensor) -> tuple[torch.Tensor, int]:
         """The rows routed and how many tokens share each route: (N, d), L."""
         if self.routing == "token" or x.dim() <= 2:
             return x.reshape(-1, self.in_features), 1
-        if x.dim() != 3:
-            raise ValueError("per-sample routing needs a 2-D (N, d) or 3-D (B, L, d) input, "
-                             f"got shape {tuple(x.shape)}")
+        self._samples(x)  # the shape check
         seq = x if self.batch_first else x.transpose(0, 1)  # (B, L, d)
         xr = seq[:, 0] if self.route_token == "first" else seq.mean(dim=1)
         return xr, seq.shape[1]
 
     def _logits(self, xr: torch.Tensor, tasks: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(N, E) fp32 logits (with the learned gating noise drawn in training) and the (E,) or (N, E) mask."""
+        learned = self.training and self.noise == "learned"
         if tasks is None:
             router = self.routers[self.active_task]
-            return router(xr), router.active
-        weights = torch.stack([r.weight for r in self.routers.values()])  # (n_tasks, E, d)
-        masks = torch.stack([r.active for r in self.routers.values()])  # (n_tasks, E)
+            logits = router(xr)
+            if learned:
+                logits = logits + torch.randn_like(logits) * router.noise_std(xr, self.noise_floor)
+            return logits, router.active
+        routers = list(self.routers.values())
         sel = tasks.clamp(min=0)
+        weights = torch.stack([r.weight for r in routers])  # (n_tasks, E, d)
+        masks = torch.stack([r.active for r in routers])  # (n_tasks, E)
         logits = torch.einsum("nd,ned->ne", xr.float(), weights.float()[sel])
+        if learned:
+            noise_w = torch.stack([r.noise_weight for r in routers]).float()[sel]
+            std = F.softplus(torch.einsum("nd,ned->ne", xr.float(), noise_w)) + self.noise_floor
+            logits = logits + torch.randn_like(logits) * std
         return logits, masks[sel] | (tasks < 0).unsqueeze(1)  # an off row keeps every expert (weight 0 later)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.shape[-1] != self.in_features:
-            raise ValueError(f"input must have shape (..., {self.in_features}), got {tuple(x.shape)}")
-        base = self.base_layer
-        off = self.num_experts == 0 or (self.active_task is None and self._sample_tasks is None)
-        if off:
-            return base(x) if base is not None else x.new_zeros(*x.shape[:-1], self.out_features)
-        xr, L = self._route_input(x)
+    def _routing_on(self) -> bool:
+        return self.num_experts > 0 and (self.active_task is not None or self._sample_tasks is not None)
+
+    def route(self, x: torch.Tensor) -> RoutingDecision:
+        """This layer's routing decision for input `x` (what `forward(x)` would use), without applying it.
+
+        Per-sample routing of a 3-D input gives one row per sample: topk_idx and topk_w (B, k), probs (B, E);
+        per-token routing (or a 2-D input) one row per token: (N, k) and (N, E), N = x.numel() // in_features.
+        A sample whose task is -1 under `set_sample_tasks` gets zero weights (adapters off for it). In training
+        the configured router noise is drawn, so two calls differ; usage statistics are not recorded (the layer
+        that applies the decision records them). Share one decision between layers with `forward(x, routing=)`.
+        """
+        self._check_input(x)
+        if not self._routing_on():
+            raise RuntimeError(f"this MoELoRALinear has nothing to route: {self._why_off()}")
+        xr, _ = self._route_input(x)
         tasks = self._sample_tasks
         if tasks is not None:
-            if L == 1 and tasks.shape[0] != xr.shape[0]:  # per-token rows of (B, L, d): expand the sample tasks
-                tasks = tasks.repeat_interleave(xr.shape[0] // max(tasks.shape[0], 1))
+            if xr.shape[0] != tasks.shape[0] and xr.shape[0] % max(tasks.shape[0], 1) == 0 and x.dim() == 3:
+                # per-token rows of a (B, L, d) input: each sample's task for each of its tokens
+                L = xr.shape[0] // tasks.shape[0]
+                tasks = tasks.repeat_interleave(L) if self.batch_first else tasks.repeat(L)
             if tasks.shape[0] != xr.shape[0]:
                 raise ValueError(f"set_sample_tasks gave {tasks.shape[0]} tasks but the input has {xr.shape[0]} "
                                  f"routed rows (shape {tuple(x.shape)})")
@@ -441,6 +555,62 @@ class MoELoRALinear(nn.Module):
         idx, w, probs = route_topk(logits, self.top_k, active=active, noise_std=noise, backend=self._route_backend())
         if tasks is not None:
             w = w * (tasks >= 0).unsqueeze(1).to(w.dtype)
+        return RoutingDecision(idx, w, probs)
+
+    def _why_off(self) -> str:
+        if self.num_experts == 0:
+            return "it has no experts (add_experts)"
+        return f"no task is set (set_task(task) or set_sample_tasks(ids); routers: {self.task_names})"
+
+    def _check_decision(self, decision: Any, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor,
+                                                                        torch.Tensor | None, int]:
+        """Validate a precomputed routing; return (idx, w, probs or None, L) with L tokens sharing each row."""
+        if not isinstance(decision, (tuple, list)) or len(decision) not in (2, 3):
+            raise TypeError("routing must be a RoutingDecision or a (topk_idx, topk_w[, probs]) tuple, "
+                            f"got {type(decision).__name__}")
+        idx, w = decision[0], decision[1]
+        probs = decision[2] if len(decision) == 3 else None
+        _check_tensor("routing.topk_idx", idx, ndim=2, dtypes=_INDEX_DTYPES, device=x.device)
+        _check_tensor("routing.topk_w", w, ndim=2, dtypes=_FLOAT_DTYPES, device=x.device)
+        if tuple(w.shape) != tuple(idx.shape):
+            raise ValueError(f"routing.topk_w must have the shape of routing.topk_idx {tuple(idx.shape)}, "
+                             f"got {tuple(w.shape)}")
+        n_rows = x.numel() // self.in_features
+        n_routed, L = self._samples(x)
+        if idx.shape[0] == n_routed:
+            pass
+        elif idx.shape[0] == n_rows:  # a per-token decision for a per-sample layer: apply row by row
+            L = 1
+        else:
+            raise ValueError(f"routing has {idx.shape[0]} rows; input {tuple(x.shape)} needs {n_routed} "
+                             f"(one per routed {'sample' if L > 1 else 'row'}) or {n_rows} (one per token)")
+        if probs is not None and (not isinstance(probs, torch.Tensor)
+                                  or tuple(probs.shape) != (idx.shape[0], self.num_experts)):
+            raise ValueError(f"routing.probs must have shape ({idx.shape[0]}, {self.num_experts}) "
+                             f"(rows, experts of this layer), got "
+                             f"{tuple(probs.shape) if isinstance(probs, torch.Tensor) else type(probs).__name__}")
+        _check_index_range("routing.topk_idx", idx, self.num_experts, "the experts of this layer")
+        return idx, w, probs, L
+
+    def forward(self, x: torch.Tensor, routing: RoutingDecision | tuple[torch.Tensor, ...] | None = None
+                ) -> torch.Tensor:
+        """y = base(x) + the routed expert term. x (..., in_features) -> (..., out_features).
+
+        `routing`: a precomputed decision (`route()` of this or another layer with the same expert pool, or a
+        block-level router's (topk_idx, topk_w[, probs])) used instead of this layer's own routers; rows are
+        per routed sample (B, k) or per token (N, k). It overrides `set_task`/`set_sample_tasks`.
+        """
+        self._check_input(x)
+        base = self.base_layer
+        if routing is None and not self._routing_on():
+            return base(x) if base is not None else x.new_zeros(*x.shape[:-1], self.out_features)
+        if self.num_experts == 0:
+            raise ValueError("routing was given but this MoELoRALinear has no experts")
+        if routing is None:
+            idx, w, probs = self.route(x)
+            _, L = self._route_input(x)
+        else:
+            idx, w, probs, L = self._check_decision(routing, x)
         if self.training:
             self._record_usage(idx, w, probs)
         if L > 1:
@@ -450,22 +620,37 @@ class MoELoRALinear(nn.Module):
                 idx, w = idx.repeat(L, 1), w.repeat(L, 1)
         A, B, eb = self.expert_weights()
         x2 = x.reshape(-1, self.in_features)
-        y = moe_lora(
-            x2, A, B, idx, w,
-            base_weight=None if base is None else base.weight,
-            base_bias=None if base is None else base.bias,
-            scale=self.scale, activation=self.activation, expert_bias=eb, backend=self.backend,
-        )
+        base_w = None if base is None else base.weight
+        base_b = None if base is None else base.bias
+        if self.training and self.expert_dropout > 0:
+            y = self._dropout_forward(x2, A, B, idx, w, base_w, base_b, eb)
+        else:
+            y = moe_lora(x2, A, B, idx, w, base_weight=base_w, base_bias=base_b, scale=self.scale,
+                         activation=self.activation, expert_bias=eb, backend=self.backend)
         return y.reshape(*x.shape[:-1], self.out_features)
+
+    def _dropout_forward(self, x2: torch.Tensor, A: torch.Tensor, B: torch.Tensor, idx: torch.Tensor,
+                         w: torch.Tensor, base_w: torch.Tensor | None, base_b: torch.Tensor | None,
+                         eb: ExpertBias | None) -> torch.Tensor:
+        """Training with expert dropout: each assignment's hidden activation phi(x A_e + ba_e) (T, k, r) times an
+        inverted-dropout mask (MoE-Adapters: dropout(p) after the adapter's ReLU, before up_proj), computed by the
+        eager reference: the fused kernels take no mask (logged once at construction)."""
+        T, k = idx.shape
+        keep = 1.0 - self.expert_dropout
+        mask = torch.empty(T, k, self.rank, device=x2.device).bernoulli_(keep).div_(keep)
+        return moe_lora_ref(x2, A, B, idx, w, base_weight=base_w, base_bias=base_b, scale=self.scale,
+                            activation=self.activation, bias_a=None if eb is None else eb[0],
+                            bias_b=None if eb is None else eb[1], hidden_mask=mask)
 
     def _route_backend(self) -> BackendName:
         # The C++ extension has no routing op: let routing dispatch on its own when cpp is forced.
         return "auto" if self.backend == "cpp" else self.backend
 
     @torch.no_grad()
-    def _record_usage(self, idx: torch.Tensor, w: torch.Tensor, probs: torch.Tensor) -> None:
+    def _record_usage(self, idx: torch.Tensor, w: torch.Tensor, probs: torch.Tensor | None) -> None:
         self.usage_weight.index_add_(0, idx.reshape(-1).long(), w.reshape(-1).float())
-        self.usage_prob.add_(probs.sum(0))
+        if probs is not None:
+            self.usage_prob.add_(probs.sum(0))
         self.usage_rows.add_(idx.shape[0])
 
     # ------------------------------------------------------------------------------------- checkpointing
@@ -489,17 +674,20 @@ class MoELoRALinear(nn.Module):
             pattern = re.compile(re.escape(prefix) + r"routers\.([^.]+)\.weight$")
             for key in state_dict:
                 m = pattern.match(key)
-                if m and m.group(1) not in self.routers:
-                    self.routers[m.group(1)] = TaskRouter(self.in_features, E, init_std=0.0, device=dev)
-                elif m and self.routers[m.group(1)].num_experts != E:
-                    self.routers[m.group(1)] = TaskRouter(self.in_features, E, init_std=0.0, device=dev)
+                if m and (m.group(1) not in self.routers or self.routers[m.group(1)].num_experts != E):
+                    self.routers[m.group(1)] = TaskRouter(self.in_features, E, init_std=0.0, device=dev,
+                                                          learned_noise=self.noise == "learned")
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"base={self.base_layer is not None}, "
                 f"experts={self.num_experts} (frozen {self.num_frozen}), rank={self.rank}, top_k={self.top_k}, "
-                f"scale={self.scale}, activation={self.activation}, routing={self.routing}, tasks={self.task_names}")
+                f"scale={self.scale}, activation={self.activation}, routing={self.routing}, "
+                f"noise={self._noise_repr()}, expert_dropout={self.expert_dropout}, tasks={self.task_names}")
+
+    def _noise_repr(self) -> str:
+        return f"learned (floor {self.noise_floor})" if self.noise == "learned" else str(self.noise_std)
 
 
 # ------------------------------------------------------------------------------------------------ injection

@@ -242,3 +242,193 @@ def test_router_created_before_any_expert_gets_the_new_experts():
     assert m.add_experts(2) == [0, 1]
     assert m.routers["0"].active.tolist() == [True, True]
     assert m(torch.randn(3, 4)).shape == (3, 4)
+
+
+# ------------------------------------------------------------------------------ route() and forward(routing=)
+@pytest.mark.parametrize("routing,shape,rows", [
+    ("sample", (3, 5, 10), 3),  # per-sample: one decision per sample of a (B, L, d) input
+    ("token", (3, 5, 10), 15),  # per-token: one per token row
+    ("sample", (4, 10), 4),  # a 2-D input routes each row as its own sample
+])
+def test_route_gives_the_decision_forward_uses(routing, shape, rows):
+    m = layer(routing=routing)
+    m.eval()
+    x = torch.randn(*shape)
+    decision = m.route(x)
+    assert isinstance(decision, ik.RoutingDecision)
+    assert decision.topk_idx.shape == (rows, 2) and decision.topk_w.shape == (rows, 2)
+    assert decision.probs.shape == (rows, 4)
+    torch.testing.assert_close(m(x, routing=decision), m(x))
+
+
+def test_one_decision_shared_by_two_layers_of_a_block():
+    # c_fc routes once; c_proj (same pool size) applies the same experts and weights.
+    fc, proj = layer(E=4), MoELoRALinear.from_linear(nn.Linear(7, 10), num_experts=4, rank=3, top_k=2)
+    with torch.no_grad():
+        proj.B_train.normal_()
+    x = torch.randn(2, 6, 10)
+    d = fc.route(x)
+    h = fc(x, routing=d)
+    y = proj(h, routing=d)  # proj has no router and no task: the decision is enough
+    A, B, _ = proj.expert_weights()
+    idx, w = ik.expand_sample_routing(d.topk_idx, d.topk_w, 6)
+    want = ik.moe_lora(h.reshape(-1, 7), A, B, idx, w, base_weight=proj.base_layer.weight,
+                       base_bias=proj.base_layer.bias)
+    torch.testing.assert_close(y, want.reshape(2, 6, 10))
+
+
+def test_per_token_decision_on_a_per_sample_layer_and_tuple_form():
+    m = layer()
+    x = torch.randn(2, 3, 10)
+    rows = x.reshape(-1, 10)
+    idx, w, _ = ik.route_topk(torch.randn(6, 4), 2)
+    A, B, _ = m.expert_weights()
+    want = ik.moe_lora(rows, A, B, idx, w, base_weight=m.base_layer.weight, base_bias=m.base_layer.bias, scale=0.5)
+    torch.testing.assert_close(m(x, routing=(idx, w)).reshape(-1, 7), want)
+
+
+def test_precomputed_routing_records_usage_in_the_applying_layer():
+    m = layer()
+    m.train()
+    d = m.route(torch.randn(4, 3, 10))
+    assert m.usage_rows.item() == 0  # route() alone records nothing
+    m(torch.randn(4, 3, 10), routing=d)
+    assert m.usage_rows.item() == 4
+    torch.testing.assert_close(m.usage_prob, d.probs.sum(0))
+
+
+def test_route_of_sample_tasks_zeroes_off_samples():
+    m = layer()
+    m.set_sample_tasks(torch.tensor([0, -1, 0]))
+    d = m.route(torch.randn(3, 4, 10))
+    assert d.topk_w[1].abs().sum() == 0 and torch.allclose(d.topk_w[[0, 2]].sum(-1), torch.ones(2))
+
+
+@pytest.mark.parametrize("bad,exc,pattern", [
+    ("idx", TypeError, r"routing must be a RoutingDecision or a \(topk_idx, topk_w\[, probs\]\) tuple, got Tensor"),
+    ((torch.zeros(5, 2, dtype=torch.int32), torch.ones(5, 2)), ValueError,
+     r"routing has 5 rows; input \(2, 3, 10\) needs 2 \(one per routed sample\) or 6 \(one per token\)"),
+    ((torch.zeros(2, 2, dtype=torch.int32), torch.ones(2, 1)), ValueError,
+     r"routing.topk_w must have the shape of routing.topk_idx \(2, 2\), got \(2, 1\)"),
+    ((torch.zeros(2, 2, dtype=torch.int32), torch.ones(2, 2), torch.ones(2, 3)), ValueError,
+     r"routing.probs must have shape \(2, 4\)"),
+    ((torch.full((2, 2), 4, dtype=torch.int32), torch.ones(2, 2)), IndexError,
+     r"routing.topk_idx values must lie in \[0, 4\) \(the experts of this layer\), got 4"),
+])
+def test_precomputed_routing_is_validated(bad, exc, pattern):
+    m = layer()
+    x = torch.randn(2, 3, 10)
+    if bad == "idx":
+        bad = torch.zeros(2, 2, dtype=torch.int32)
+    with pytest.raises(exc, match=pattern):
+        m(x, routing=bad)
+
+
+def test_route_without_a_task_says_what_to_call():
+    m = MoELoRALinear.from_linear(nn.Linear(10, 7), num_experts=2, rank=2)
+    with pytest.raises(RuntimeError, match=r"no task is set \(set_task\(task\) or set_sample_tasks"):
+        m.route(torch.randn(2, 10))
+
+
+# ------------------------------------------------------------------------ expert dropout, learned noisy gating
+def test_expert_dropout_masks_the_hidden_activation_in_training_only():
+    # rank 1, k = 1, identity: each row's LoRA term is s * w * m_t * (x_t A) B with m_t in {0, 1 / (1 - p)}.
+    torch.manual_seed(0)
+    p = 0.25
+    m = MoELoRALinear.from_linear(nn.Linear(10, 7), num_experts=1, rank=1, top_k=1, scale=0.5, expert_dropout=p)
+    m.add_router(0)
+    m.set_task(0)
+    with torch.no_grad():
+        m.B_train.normal_()
+    x = torch.randn(4000, 10)
+    full = 0.5 * (x @ m.A_train[0]) @ m.B_train[0]  # (T, 7), the undropped term
+    m.train()
+    delta = m(x) - m.base_layer(x)
+    ratio = (delta * full).sum(-1) / full.square().sum(-1)  # the per-row mask value
+    kept = ratio > 0.5
+    torch.testing.assert_close(ratio[kept], torch.full_like(ratio[kept], 1 / (1 - p)), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(ratio[~kept], torch.zeros_like(ratio[~kept]), atol=1e-4, rtol=0)
+    assert abs(kept.float().mean().item() - (1 - p)) < 0.03  # 4000 Bernoulli(0.75) draws: sd 0.007
+    delta.square().sum().backward()
+    assert m.A_train.grad.abs().sum() > 0
+    m.eval()  # eval: no mask, the fused path
+    torch.testing.assert_close(m(x) - m.base_layer(x), full, atol=1e-5, rtol=1e-5)
+
+
+def test_expert_dropout_zero_and_eval_match_a_layer_without_it():
+    a, b = layer(), layer(expert_dropout=0.5)
+    x = torch.randn(3, 5, 10)
+    b.eval()
+    torch.testing.assert_close(b(x), a.eval()(x))
+    c = layer(expert_dropout=0.0)
+    torch.testing.assert_close(c.train()(x), a.train()(x))
+
+
+def test_learned_noise_router_parameters_and_draw():
+    m = layer(noise="learned", noise_floor=0.01)
+    router = m.routers["t0"]
+    assert router.noise_weight.shape == (4, 10) and router.noise_weight.abs().sum() == 0  # zero init
+    with torch.no_grad():
+        router.noise_weight.normal_()
+    x = torch.randn(5, 3, 10)
+    m.eval()
+    clean = m.route(x)
+    torch.testing.assert_close(m.route(x).topk_w, clean.topk_w)  # eval: no noise
+    m.train()
+    torch.manual_seed(3)
+    noisy = m.route(x)
+    torch.manual_seed(3)
+    xr = x[:, 0]
+    std = torch.nn.functional.softplus(xr @ router.noise_weight.T) + 0.01
+    logits = xr @ router.weight.T + torch.randn(5, 4) * std
+    want = ik.route_topk(logits, 2)
+    torch.testing.assert_close(noisy.topk_idx, want[0])
+    torch.testing.assert_close(noisy.topk_w, want[1])
+    m(x).square().sum().backward()  # the noise std is learned: gradients reach noise_weight
+    assert router.noise_weight.grad is not None and router.noise_weight.grad.abs().sum() > 0
+
+
+def test_learned_noise_follows_expert_reindexing_and_sample_tasks():
+    m = layer(noise="learned")
+    with torch.no_grad():
+        m.routers["t0"].noise_weight.copy_(torch.arange(4.0).unsqueeze(1).expand(4, 10))
+    m.add_router("t1")
+    m.freeze_experts([2])  # expert 2 moves to position 0 in every router
+    assert m.routers["t0"].noise_weight[:, 0].tolist() == [2.0, 0.0, 1.0, 3.0]
+    m.add_experts(1, active_in=["t1"])
+    assert m.routers["t1"].noise_weight.shape == (5, 10) and m.routers["t1"].noise_weight[4].abs().sum() == 0
+    m.set_sample_tasks(torch.tensor([0, 1, -1]))
+    m.train()
+    y = m(torch.randn(3, 4, 10))
+    assert torch.isfinite(y).all()
+
+
+@pytest.mark.parametrize("kwargs,pattern", [
+    (dict(noise="gumbel"), r"noise must be 'fixed' \(noise_std\) or 'learned' \(noisy top-k gating\), got 'gumbel'"),
+    (dict(noise="learned", noise_std=0.1), r"noise='learned' learns the noise std per router: noise_std must be 0"),
+    (dict(expert_dropout=1.0), r"expert_dropout must lie in \[0, 1\), got 1.0"),
+    (dict(noise_floor=-1.0), r"noise_floor must be >= 0, got -1.0"),
+])
+def test_gating_options_are_validated(kwargs, pattern):
+    with pytest.raises(ValueError, match=pattern):
+        MoELoRALinear(4, 4, **kwargs)
+
+
+def test_learned_noise_state_dict_round_trip():
+    m = layer(noise="learned")
+    with torch.no_grad():
+        m.routers["t0"].noise_weight.normal_()
+    fresh = MoELoRALinear.from_linear(nn.Linear(10, 7), rank=3, top_k=2, scale=0.5, noise="learned")
+    fresh.load_state_dict(m.state_dict())
+    torch.testing.assert_close(fresh.routers["t0"].noise_weight, m.routers["t0"].noise_weight)
+
+
+def test_expert_dropout_says_once_that_training_uses_the_reference(caplog):
+    import igsp_kernels.modules as modules
+
+    modules._LOGGED.discard("expert_dropout")
+    with caplog.at_level("INFO", logger="igsp_kernels.modules"):
+        layer(expert_dropout=0.1)
+        layer(expert_dropout=0.1)
+    said = [r for r in caplog.records if "expert_dropout > 0" in r.getMessage()]
+    assert len(said) == 1 and said[0].levelname == "INFO"

@@ -14,7 +14,7 @@ from igsp_kernels.reference import moe_lora_dense, moe_lora_loop, moe_lora_ref, 
 
 
 def naive_moe_lora(x, A, B, idx, w, *, base_weight=None, base_bias=None, scale=1.0, activation="identity",
-                   bias_a=None, bias_b=None):
+                   bias_a=None, bias_b=None, hidden_mask=None):
     x, A, B, w = x.double(), A.double(), B.double(), w.double()
     T = x.shape[0]
     y = torch.zeros(T, B.shape[2], dtype=torch.float64)
@@ -30,6 +30,8 @@ def naive_moe_lora(x, A, B, idx, w, *, base_weight=None, base_bias=None, scale=1
                 h = h + bias_a[e].double()
             if activation == "relu":
                 h = h.clamp(min=0)
+            if hidden_mask is not None:
+                h = h * hidden_mask[t, j].double()
             out = h @ B[e]
             if bias_b is not None:
                 out = out + bias_b[e].double()
@@ -99,6 +101,29 @@ def test_public_moe_lora_gradients_match_naive(T, d_in, d_out, E, r, k, routing)
     want = torch.autograd.grad(ref, leaves, dy)
     for name, g, h in zip(["x", "A", "B", "topk_w", "bias_a", "bias_b"], got, want):
         torch.testing.assert_close(g, h, msg=lambda m, n=name: f"grad {n}: {m}")
+
+
+@pytest.mark.parametrize("T,d_in,d_out,E,r,k,routing", CASES)
+def test_hidden_mask_scales_each_assignments_activation(T, d_in, d_out, E, r, k, routing):
+    # Expert dropout's semantics: mask[t, j] multiplies phi(x A_e + ba_e) of assignment j of row t only.
+    x, A, B, idx, w, kw = make_inputs(T, d_in, d_out, E, r, k, routing=routing, bias=True)
+    g = torch.Generator().manual_seed(1)
+    mask = (torch.rand(T, k, r, generator=g) > 0.3).float() / 0.7
+    if k > 1:
+        idx[0, 1] = idx[0, 0]  # a repeated expert in a row: its two assignments keep their own masks
+    leaves = [t.clone().requires_grad_() for t in (x, A, B, w, kw["bias_a"], kw["bias_b"])]
+    lx, lA, lB, lw, lba, lbb = leaves
+    args = dict(base_weight=kw["base_weight"], base_bias=kw["base_bias"], scale=0.7, activation="relu")
+    y = moe_lora_ref(lx, lA, lB, idx, lw, bias_a=lba, bias_b=lbb, hidden_mask=mask, **args)
+    want = naive_moe_lora(x, A, B, idx, w, bias_a=kw["bias_a"], bias_b=kw["bias_b"], hidden_mask=mask, **args)
+    torch.testing.assert_close(y.double(), want, atol=1e-5, rtol=1e-5)
+    dy = torch.randn_like(y)
+    grads = torch.autograd.grad(y, leaves, dy)
+    dleaves = [t.double().clone().requires_grad_() for t in (x, A, B, w, kw["bias_a"], kw["bias_b"])]
+    dx, dA, dB, dw, dba, dbb = dleaves
+    naive = naive_moe_lora(dx, dA, dB, idx, dw, bias_a=dba, bias_b=dbb, hidden_mask=mask, **args)
+    for name, got, ref in zip("x A B w ba bb".split(), grads, torch.autograd.grad(naive, dleaves, dy.double())):
+        torch.testing.assert_close(got.double(), ref, atol=1e-5, rtol=1e-5, msg=lambda m: f"d{name}: {m}")
 
 
 def test_dw_identity_from_method_spec():

@@ -69,10 +69,13 @@ def moe_lora_ref(
     activation: str = "identity",
     bias_a: torch.Tensor | None = None,
     bias_b: torch.Tensor | None = None,
+    hidden_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Semantics: y = x W0^T + b0 + s * sum_j w[:, j] * (phi(x A[e_j] + ba[e_j]) B[e_j] + bb[e_j]).
+    """Semantics: y = x W0^T + b0 + s * sum_j w[:, j] * ((m[:, j] * phi(x A[e_j] + ba[e_j])) B[e_j] + bb[e_j]).
 
-    Returns y (T, d_out) in x.dtype, computed in `acc_dtype(x.dtype)`.
+    `hidden_mask` m (T, k, r), optional (all ones when None), multiplies each assignment's rank-r activation
+    before the up-projection: expert dropout (`MoELoRALinear(expert_dropout=p)` passes an inverted-dropout mask;
+    the fused backends take no mask). Returns y (T, d_out) in x.dtype, computed in `acc_dtype(x.dtype)`.
     """
     acc = acc_dtype(x.dtype)
     E, _, r = A.shape
@@ -82,7 +85,13 @@ def moe_lora_ref(
         h = h + bias_a.to(acc)
     h = apply_activation(h, activation)
     gates = _gates(topk_idx, topk_w, E, acc)  # (T, E)
-    z = (h * gates.unsqueeze(-1)).reshape(x.shape[0], E * r) @ B.to(acc).reshape(E * r, -1)
+    if hidden_mask is None:
+        gh = h * gates.unsqueeze(-1)
+    else:  # per-assignment gates w[t, j] * m[t, j, :] scattered to (T, E, r); a repeated expert adds up
+        T, k = topk_idx.shape
+        wm = topk_w.to(acc).unsqueeze(-1) * hidden_mask.to(acc)
+        gh = h * torch.zeros_like(h).scatter_add(1, topk_idx.long().unsqueeze(-1).expand(T, k, r), wm)
+    z = gh.reshape(x.shape[0], E * r) @ B.to(acc).reshape(E * r, -1)
     if bias_b is not None:
         z = z + gates @ bias_b.to(acc)
     y = scale * z
