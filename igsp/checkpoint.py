@@ -181,9 +181,11 @@ def load_adapter_state_dict(model: nn.Module, state: dict[str, torch.Tensor]) ->
 
 
 def usage_state(layers: Iterable[tuple[str, MoELoRALinear]]) -> dict[str, list[torch.Tensor]]:
-    """{name: [usage_weight, usage_prob, usage_rows]} CPU copies (the layers' non-persistent usage buffers)."""
+    """{name: [usage_weight, usage_prob, usage_rows, usage_count]} CPU copies (the layers' non-persistent usage
+    buffers)."""
     return {name: [layer.usage_weight.detach().cpu().clone(), layer.usage_prob.detach().cpu().clone(),
-                   layer.usage_rows.detach().cpu().clone()] for name, layer in layers}
+                   layer.usage_rows.detach().cpu().clone(), layer.usage_count.detach().cpu().clone()]
+            for name, layer in layers}
 
 
 def load_usage_state(layers: Iterable[tuple[str, MoELoRALinear]], state: dict[str, list[torch.Tensor]]) -> None:
@@ -191,7 +193,9 @@ def load_usage_state(layers: Iterable[tuple[str, MoELoRALinear]], state: dict[st
     for name, layer in layers:
         if name not in state:
             raise KeyError(f"checkpoint usage state has no layer {name!r}")
-        w, p, rows = state[name]
+        w, p, rows = state[name][:3]
+        # Checkpoints written before selection counts existed hold three buffers: the counts restart at zero.
+        count = state[name][3] if len(state[name]) > 3 else torch.zeros_like(w)
         if w.shape != layer.usage_weight.shape:
             raise ValueError(f"usage of layer {name!r}: checkpoint has {tuple(w.shape)} experts, the layer "
                              f"{tuple(layer.usage_weight.shape)}")
@@ -199,6 +203,7 @@ def load_usage_state(layers: Iterable[tuple[str, MoELoRALinear]], state: dict[st
         layer.usage_weight = w.to(dev).clone()
         layer.usage_prob = p.to(dev).clone()
         layer.usage_rows = rows.to(dev).clone()
+        layer.usage_count = count.to(dev).clone()
 
 
 @torch.no_grad()

@@ -208,8 +208,10 @@ def _params_lines(rep: dict[str, Any]) -> list[str]:
         lines.append(f"  task {t:>2} {name:<18} trainable {p1[t]:,}{extra}")
     lines.append(f"  trainable per task (avg) {rep['trainable_avg']:,.0f}")
     added = rep["added"] or {}
-    lines.append(f"  total added after the last task {rep['total_added']:,} (experts {added.get('experts', 0):,}, "
-                 f"routers {added.get('routers', 0):,}, selector {added.get('selector', 0):,})")
+    experts, routers = added.get("experts", 0), added.get("routers", 0)
+    lines.append(f"  total added after the last task {rep['total_added']:,} (experts {experts:,}, "
+                 f"routers {routers:,}, selector {added.get('selector', 0):,}; experts + routers "
+                 f"{experts + routers:,})")
     return lines
 
 

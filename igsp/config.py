@@ -129,7 +129,11 @@ class MethodConfig:
     energy: float = field(default=0.95, metadata={"help": "historical bases keep this share of squared s.v."})
     # MoE-Adapters baseline (METHOD.md section 4).
     freeze_per_task: int = field(default=2, metadata={
-        "help": "moe-adapters: most-used trainable experts per layer frozen after each task"})
+        "help": "moe-adapters: experts per layer frozen after each task (chosen by freeze_rule)"})
+    freeze_rule: str = field(default="weighted", metadata={
+        "help": "moe-adapters: 'selected' (MoE-Adapters' code: the freeze_per_task experts selected most often in "
+                "the task, over the whole pool, frozen ones included) or 'weighted' (the most used trainable "
+                "experts by routing weight; older runs)"})
     # Task-agnostic deployment (METHOD.md section 3, last paragraph).
     selector: str = field(default="prototypes", metadata={
         "help": "'prototypes' (task-agnostic, the protocol) or 'oracle' (the evaluated dataset's own router "
@@ -155,6 +159,7 @@ class MethodConfig:
         _int_range(f"{path}.min_keep", self.min_keep, 0)
         _float_range(f"{path}.energy", self.energy, 0.0, 1.0, low_open=True)
         _int_range(f"{path}.freeze_per_task", self.freeze_per_task, 0)
+        _choice(f"{path}.freeze_rule", self.freeze_rule, ("selected", "weighted"))
         _choice(f"{path}.selector", self.selector, ("prototypes", "oracle"))
         _int_range(f"{path}.selector_prototypes", self.selector_prototypes, 1)
         _float_range(f"{path}.selector_quantile", self.selector_quantile, 0.0, 1.0)

@@ -416,7 +416,8 @@ class Trainer:
                     dist.broadcast(tensor.data, src=0)
 
     def _usage_buffers(self) -> list[torch.Tensor]:
-        return [b for _, layer in self.layers for b in (layer.usage_weight, layer.usage_prob, layer.usage_rows)]
+        return [b for _, layer in self.layers
+                for b in (layer.usage_weight, layer.usage_prob, layer.usage_count, layer.usage_rows)]
 
     def _allreduce_step(self, usage_base: torch.Tensor | None) -> None:
         """Sum gradients (flat buffer, one all_reduce) and this step's usage increments over ranks."""
@@ -636,7 +637,7 @@ class Trainer:
         if entry["phase1_steps"] is None:  # phase 1 ran to the end of the task
             entry.update(phase1_steps=cfg.train.iterations)
         for _, layer in self.layers:
-            layer.routers[str(t)].weight.requires_grad_(False)
+            layer.routers[str(t)].requires_grad_(False)  # gate weights and, with learned noise, noise weights
         self.records["usage"].append({"task": t, "usage": usage})
         feats = self._frozen_features(self.stream[t][0], t)
         assert self.selector is not None
@@ -861,7 +862,7 @@ class Trainer:
         t, stage = self.progress["task"], self.progress["stage"]
         for _, layer in self.layers:
             for key, router in layer.routers.items():
-                router.weight.requires_grad_(stage == "train" and key == str(t))
+                router.requires_grad_(stage == "train" and key == str(t))
         if self.selector is not None and ckpt["selector"] is not None:
             self.selector.load_state_dict(ckpt["selector"])
         self.acc = [list(r) for r in ckpt["acc"]]
@@ -915,7 +916,8 @@ def parameter_plan(config: Config, *, survival: float = 1.0, device: str = "cpu"
     ~15 s for ViT-B/16 x 11 tasks, all in copies) through each method's `plan_task` (igsp: C candidates per
     layer of which `round(survival * C)` survive, at least what the router's top_k needs while a layer has no
     history; moe-adapters: `freeze_per_task` experts frozen per task). Counts follow igsp.metrics: a router costs
-    (active experts x d_route), an expert A + B (+ biases); the selector `prototypes x embed_dim + 1` per task.
+    (active experts x d_route, twice that with learned gating noise), an expert A + B (+ biases); the selector
+    `prototypes x embed_dim + 1` per task.
     tests/trainer/test_cli.py checks the result against hand counts and against real runs.
 
     Returns:
@@ -939,10 +941,11 @@ def parameter_plan(config: Config, *, survival: float = 1.0, device: str = "cpu"
     inject(model, dataclasses.replace(cfg.adapters, num_experts=0, backend="reference"))
     a = cfg.adapters
     plan = []
+    router_copies = 2 if a.noise == "learned" else 1  # gate weights, and noise weights with learned noise
     for _, layer in adapter_layers(model):
         bias = (a.rank + layer.out_features) if a.expert_bias else 0
-        plan.append(PlanLayer(layer.in_features, a.rank * (layer.in_features + layer.out_features) + bias,
-                              a.num_experts))
+        plan.append(PlanLayer(router_copies * layer.in_features,
+                              a.rank * (layer.in_features + layer.out_features) + bias, a.num_experts))
     per_task: list[dict[str, Any]] = []
     for _ in range(T):
         counts = method_cls.plan_task(cfg, plan, survival)

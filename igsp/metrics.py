@@ -15,6 +15,8 @@ Parameter accounting. Counts are of stored numbers (elements), from the model st
   columns only: a column of an expert added after the router's task is never used and need not be stored),
   and the selector's prototypes and thresholds. The historical bases U are not counted: they are a training
   aid, recomputable from the stored experts.
+A router with learned gating noise (MoE-Adapters' noisy top-k gating) stores a noise weight beside its gate
+weight: twice the elements per active column (`_router_numel`).
 """
 
 from __future__ import annotations
@@ -85,6 +87,13 @@ def _effective_expert_numel(A: torch.Tensor, B: torch.Tensor) -> int:
     return int(live.sum()) * (A.shape[1] + B.shape[2])
 
 
+def _router_numel(router: nn.Module) -> int:
+    """Stored elements of a router's active columns: d_route per active expert for the gate weights, and as many
+    again for learned gating-noise weights (MoE-Adapters' w_noise) when the router has them."""
+    per_expert = router.weight.shape[1] * (2 if getattr(router, "noise_weight", None) is not None else 1)
+    return int(router.active.sum()) * per_expert
+
+
 def _bias_numel(*ts: torch.Tensor | None) -> int:
     return sum(t.numel() for t in ts if t is not None)
 
@@ -109,7 +118,7 @@ def trainable_adapter_params(model: nn.Module | Sequence, *, task: str | int | N
             routers = [layer.routers[key]]
         else:
             routers = [r for r in layer.routers.values() if r.weight.requires_grad]
-        router += sum(int(r.active.sum()) * r.weight.shape[1] for r in routers)
+        router += sum(_router_numel(r) for r in routers)
         bias = _bias_numel(layer.ba_train, layer.bb_train)
         experts += layer.A_train.numel() + layer.B_train.numel() + bias
         effective += _effective_expert_numel(layer.A_train, layer.B_train) + bias
@@ -132,8 +141,8 @@ def added_params(model: nn.Module | Sequence, selector: Any = None) -> dict[str,
             experts += A.numel() + B.numel() + bias
             effective += _effective_expert_numel(A, B) + bias
         for r in layer.routers.values():
-            routers += int(r.active.sum()) * r.weight.shape[1]
-            physical += r.weight.numel()
+            routers += _router_numel(r)
+            physical += sum(p.numel() for p in r.parameters())
     sel = 0
     if selector is not None:
         if not callable(getattr(selector, "num_parameters", None)):

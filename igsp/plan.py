@@ -25,6 +25,7 @@ from igsp.config import Config, load_config
 from igsp.data.augment import describe_augmentation
 from igsp.data.mtil import REFERENCE_ITERATIONS, REFERENCE_SHOTS, REFERENCE_TRAIN, reference_lr
 from igsp.data.stream import describe_task
+from igsp.methods.moe_adapters import REFERENCE_SETTINGS as MOE_ADAPTERS_REFERENCE
 
 __all__ = ["DELIBERATE_DIFFERENCES", "add_cli_commands", "build_plan", "format_plan"]
 
@@ -58,12 +59,15 @@ def _reference(config: Config, names: list[str]) -> dict[str, Any] | None:
     t, d, m = config.train, config.data, config.model
     ours: dict[str, Any] = {"model": m.name, "pretrained": m.pretrained, "batch_size": t.batch_size,
                             "warmup": t.warmup, "label_smoothing": t.label_smoothing, "weight_decay": t.weight_decay,
-                            "beta2": t.beta2, "grad_clip": t.grad_clip, "augment": d.augment,
-                            "train_templates": t.train_templates}
+                            "beta2": t.beta2, "grad_clip": t.grad_clip, "precision": t.precision,
+                            "augment": d.augment, "train_templates": t.train_templates}
     where = {"model": "model.name", "pretrained": "model.pretrained", "augment": "data.augment"}
     differences = [f"{where.get(k, 'train.' + k)}: {json.dumps(ours[k])} (reference: {json.dumps(v)})"
                    for k, v in REFERENCE_TRAIN.items() if ours[k] != v]
-    if config.method.name != "zeroshot":
+    if config.method.name == "zeroshot":
+        # Zero-shot CLIP trains nothing: only the model and the text side (fixed: ZSCL's templates) matter.
+        differences = [x for x in differences if x.startswith("model.")]
+    else:
         if t.iterations != REFERENCE_ITERATIONS[setting]:
             differences.append(f"train.iterations: {t.iterations} (reference: {REFERENCE_ITERATIONS[setting]})")
         if few and d.few_shot != REFERENCE_SHOTS:
@@ -72,8 +76,12 @@ def _reference(config: Config, names: list[str]) -> dict[str, Any] | None:
             lr, ref = t.lr_for_task(i, name), reference_lr(name, few)
             if lr != ref:
                 differences.append(f"train.lr of {name}: {lr:g} (reference: {ref:g})")
-    else:  # zero-shot CLIP trains nothing: only the model and the text side (fixed: ZSCL's templates) matter
-        differences = [x for x in differences if x.startswith("model.")]
+    if config.method.name == "moe-adapters":  # the baseline's model and freezing rule, field by field
+        for key, ref in MOE_ADAPTERS_REFERENCE.items():
+            section, field_name = key.split(".")
+            value = getattr(getattr(config, section), field_name)
+            if value != ref:
+                differences.append(f"{key}: {json.dumps(value)} (reference: {json.dumps(ref)})")
     return {
         "protocol": f"MoE-Adapters' MTIL {'few-shot' if few else 'full-shot'} scripts",
         "matches": not differences,

@@ -6,12 +6,15 @@ Targets per residual block of the chosen towers:
   `F.multi_head_attention_forward` and never calls `out_proj`, so wrapping `out_proj` alone would be silently
   dead. The whole attention module is replaced by `AdaptedMultiheadAttention`, the same computation
   (in-projection, scaled dot-product attention, out-projection) that *calls* the wrapped out-projection.
-- "mlp_parallel": MoE-Adapters' placement, an adapter beside the MLP (no base weight): mlp(x) + adapter(x),
-  with x the MLP input (after ln_2).
+- "mlp_parallel": an adapter beside the MLP (no base weight). With `parallel_input="residual"` (MoE-Adapters'
+  code, `mtil/clip/model.py`: x + mlp(ln_2(x)) + adapter(x)) the adapter reads the block's residual stream x;
+  with "ln_2" (the default, older runs) it reads the MLP's input ln_2(x): mlp(ln_2(x)) + adapter(ln_2(x)).
 
 Routing reads the first token of each sample in the vision tower (the class token). In the text tower the
 first token is the start-of-text token, and under the causal mask its hidden state is identical for every
-prompt, so per-sample routing there defaults to the token mean (`text_route_token`).
+prompt, so per-sample routing there defaults to the token mean (`text_route_token`); MoE-Adapters routes on it
+anyway ("first"): every prompt then shares its experts at evaluation, and differs in training only through the
+gating noise.
 """
 
 from __future__ import annotations
@@ -60,6 +63,13 @@ class AdapterConfig:
     route_token: str = field(default="first", metadata={"help": "vision tower route vector: 'first' or 'mean'"})
     text_route_token: str = field(default="mean", metadata={"help": "text tower route vector: 'first' or 'mean'"})
     noise_std: float = 0.0
+    noise: str = field(default="fixed", metadata={
+        "help": "'fixed' (Gaussian noise_std on the logits) or 'learned' (MoE-Adapters' noisy top-k gating)"})
+    noise_floor: float = field(default=1e-2, metadata={"help": "learned noise: std = softplus(x W_noise) + floor"})
+    expert_dropout: float = field(default=0.0, metadata={
+        "help": "dropout on each expert's hidden activation in training (MoE-Adapters: 0.1)"})
+    parallel_input: str = field(default="ln_2", metadata={
+        "help": "mlp_parallel input: 'ln_2' (the MLP's input) or 'residual' (the block's stream, MoE-Adapters)"})
     router_init_std: float = 0.02
     backend: str = field(default="auto", metadata={"help": "igsp_kernels backend: auto, reference, triton, cpp"})
 
@@ -90,11 +100,22 @@ class AdapterConfig:
                 raise bad(name, getattr(self, name), "'first' or 'mean'")
         if self.backend not in ("auto", "reference", "triton", "cpp"):
             raise bad("backend", self.backend, "one of ['auto', 'reference', 'triton', 'cpp']")
-        for name in ("scale", "noise_std", "router_init_std"):
+        if self.noise not in ("fixed", "learned"):
+            raise bad("noise", self.noise, "'fixed' or 'learned'")
+        if self.noise == "learned" and self.noise_std:
+            raise bad("noise_std", self.noise_std, "0 with noise='learned' (the std is learned per router)")
+        if self.parallel_input not in ("ln_2", "residual"):
+            raise bad("parallel_input", self.parallel_input, "'ln_2' or 'residual'")
+        if self.parallel_input == "residual" and "mlp_parallel" not in self.targets:
+            raise bad("parallel_input", self.parallel_input, "'ln_2' unless targets holds 'mlp_parallel'")
+        for name in ("scale", "noise_std", "noise_floor", "expert_dropout", "router_init_std"):
             if isinstance(getattr(self, name), bool) or not isinstance(getattr(self, name), (int, float)):
                 raise bad(name, getattr(self, name), "a number")
-        if self.noise_std < 0 or self.router_init_std < 0:
-            raise bad("noise_std/router_init_std", (self.noise_std, self.router_init_std), "numbers >= 0")
+        if self.noise_std < 0 or self.router_init_std < 0 or self.noise_floor < 0:
+            raise bad("noise_std/noise_floor/router_init_std", (self.noise_std, self.noise_floor,
+                                                               self.router_init_std), "numbers >= 0")
+        if not 0.0 <= self.expert_dropout < 1.0:
+            raise bad("expert_dropout", self.expert_dropout, "a number in [0, 1)")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -113,7 +134,8 @@ class AdapterConfig:
             num_experts=self.num_experts, rank=self.rank, top_k=self.top_k, scale=self.scale,
             activation=self.activation, expert_bias=self.expert_bias, routing=self.routing,
             route_token=self.text_route_token if tower == "text" else self.route_token,
-            noise_std=self.noise_std, router_init_std=self.router_init_std, backend=self.backend,
+            noise_std=self.noise_std, noise=self.noise, noise_floor=self.noise_floor,
+            expert_dropout=self.expert_dropout, router_init_std=self.router_init_std, backend=self.backend,
         )
 
 
@@ -197,12 +219,18 @@ def _additive(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 
 class ParallelAdapter(nn.Module):
-    """MoE-Adapters' placement: mlp(x) + adapter(x), the adapter a base-less MoE-LoRA layer beside the MLP."""
+    """An adapter beside the MLP: mlp(norm(x)) + adapter(x), the adapter a base-less MoE-LoRA layer.
 
-    def __init__(self, mlp: nn.Module, adapter: MoELoRALinear) -> None:
+    `norm` is None when the block still applies ln_2 before calling this module (input "ln_2": the adapter sees
+    ln_2(x)); for input "residual" the block's ln_2 is replaced by an identity and the norm moves here, so the
+    adapter sees the residual stream x, as in MoE-Adapters (x + mlp(ln_2(x)) + adapter(x)).
+    """
+
+    def __init__(self, mlp: nn.Module, adapter: MoELoRALinear, norm: nn.Module | None = None) -> None:
         super().__init__()
         self.mlp = mlp
         self.adapter = adapter
+        self.norm = norm
 
     def __getattr__(self, name: str) -> Any:
         # open_clip reads block.mlp.c_fc (its cast-dtype probe): resolve MLP children through the wrapper.
@@ -212,7 +240,7 @@ class ParallelAdapter(nn.Module):
             return getattr(super().__getattr__("mlp"), name)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.mlp(x) + self.adapter(x)
+        return self.mlp(x if self.norm is None else self.norm(x)) + self.adapter(x)
 
 
 def _blocks(model: nn.Module, tower: str) -> list[tuple[str, nn.Module]]:
@@ -261,7 +289,14 @@ def inject(model: nn.Module, config: AdapterConfig) -> list[str]:
                     width = block.ln_2.normalized_shape[0]
                     device = next(block.parameters()).device
                     adapter = MoELoRALinear(width, width, device=device, **kwargs)
-                    block.mlp = ParallelAdapter(block.mlp, adapter)
+                    norm = None
+                    if config.parallel_input == "residual":
+                        # The block computes x + ls_2(mlp(ln_2(x))): moving ln_2 into the wrapper hands it x.
+                        if not isinstance(getattr(block, "ls_2", nn.Identity()), nn.Identity):
+                            raise ValueError(f"{name} scales its MLP branch (LayerScale ls_2), which would also "
+                                             "scale a residual-input adapter: use adapters.parallel_input='ln_2'")
+                        norm, block.ln_2 = block.ln_2, nn.Identity()
+                    block.mlp = ParallelAdapter(block.mlp, adapter, norm)
                     wrapped.append(f"{name}.mlp.adapter")
     logger.info("injected %d MoE-LoRA layers (%s) into %s", len(wrapped), ", ".join(config.targets),
                 ", ".join(config.towers))

@@ -299,11 +299,13 @@ REFERENCE_LR_FEW_SHOT: dict[str, float] = dict(zip(ORDER_I, (8e-3, 5e-4, 2e-4, 5
                                                              1e-2, 1e-2)))
 # What every task of those scripts shares (src/args.py defaults and the scripts' flags): batch 64, AdamW with weight
 # decay 0 and betas (0.9, 0.999), 100 warm-up steps then cosine (src/utils.py cosine_lr), label smoothing 0.2 (--ls),
-# no gradient clipping, the train preprocess (RandomResizedCrop, igsp.data.augment), the first template for the
-# training text features, OpenAI CLIP ViT-B/16.
+# no gradient clipping, fp32 (clip.py build_model casts every parameter to float; no autocast), the train
+# preprocess (RandomResizedCrop, igsp.data.augment), the first template for the training text features, OpenAI CLIP
+# ViT-B/16.
 REFERENCE_TRAIN: dict[str, Any] = {
     "model": "ViT-B-16", "pretrained": "openai", "batch_size": 64, "warmup": 100, "label_smoothing": 0.2,
-    "weight_decay": 0.0, "beta2": 0.999, "grad_clip": None, "augment": True, "train_templates": "first",
+    "weight_decay": 0.0, "beta2": 0.999, "grad_clip": None, "precision": "fp32", "augment": True,
+    "train_templates": "first",
 }
 REFERENCE_ITERATIONS = {"full": 1000, "few_shot": 500}
 REFERENCE_SHOTS = 5

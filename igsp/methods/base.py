@@ -65,7 +65,8 @@ class PlanLayer:
     """Integer bookkeeping of one adapted layer for `igsp params` (no tensors): see Method.plan_task.
 
     Attributes:
-        d_route: width of the vector the layer's routers read (a router costs active experts x d_route).
+        d_route: elements a router stores per active expert (a router costs active experts x d_route): the width
+            of the vector it reads, twice that with learned gating noise (gate and noise weights).
         expert_size: elements of one expert (A + B, + biases).
         frozen: historical experts; pool: experts in the pool (frozen + trainable).
         routers: active experts of each stored router, in task order.

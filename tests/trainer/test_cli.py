@@ -47,10 +47,13 @@ def _igsp_counts(C=2, r=8):
 
 
 def _moe_counts(E=22, r=64, frozen_per_task=2):
-    # Per block and tower: a parallel adapter w -> w with E ReLU experts (A, B, both biases) and a router E x w.
+    # Per block and tower: a parallel adapter w -> w with E ReLU experts (A, B, both biases) and a router of two
+    # E x w matrices (w_gate and the learned noise's w_noise, as MoE-Adapters).
     expert = lambda w: 2 * r * w + r + w
-    per_task = [sum(BLOCKS * ((E - frozen_per_task * t) * expert(w) + E * w) for w in WIDTHS) for t in range(TASKS)]
-    total = sum(BLOCKS * (E * expert(w) + TASKS * E * w) for w in WIDTHS) + SELECTOR
+    router = lambda w: 2 * E * w
+    per_task = [sum(BLOCKS * ((E - frozen_per_task * t) * expert(w) + router(w)) for w in WIDTHS)
+                for t in range(TASKS)]
+    total = sum(BLOCKS * (E * expert(w) + TASKS * router(w)) for w in WIDTHS) + SELECTOR
     return per_task, total
 
 

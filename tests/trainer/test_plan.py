@@ -79,3 +79,14 @@ def test_plan_of_a_non_mtil_config_has_no_reference(capsys):
 def test_plan_errors_name_the_field(capsys):
     assert main(["plan", "mtil-full-orderI-igsp", "--set", "train.lr.minst=1e-3"]) == 2
     assert "train.lr.minst" in capsys.readouterr().err
+
+
+def test_plan_names_each_departure_of_the_baseline(capsys):
+    # Training recipe first, then the baseline's own settings; a zero-shot config is judged on the model only.
+    plan = _plan(capsys, "mtil-full-orderI-moe-adapters", "--set", "adapters.expert_dropout=0", "--set",
+                 "train.grad_clip=1.0", "--set", "train.precision=bf16")
+    assert plan["reference"]["differences"] == ['train.grad_clip: 1.0 (reference: null)',
+                                                'train.precision: "bf16" (reference: "fp32")',
+                                                "adapters.expert_dropout: 0.0 (reference: 0.1)"]
+    zs = _plan(capsys, "mtil-full-orderI-zeroshot", "--set", "train.precision=bf16", "--set", "model.name=RN50")
+    assert zs["reference"]["differences"] == ['model.name: "RN50" (reference: "ViT-B-16")']
