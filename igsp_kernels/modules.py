@@ -29,8 +29,9 @@ its ReLU, before up_proj). The fused kernels take no mask, so a training forward
 term through the eager reference (`moe_lora_ref(hidden_mask=)`; said once at info level when such a layer is
 built); eval mode and p = 0 run the fused kernels.
 
-Usage statistics (`usage_weight`, `usage_prob`, `usage_rows`) are buffers updated on the device under no_grad:
-no host sync in forward.
+Usage statistics (`usage_weight`, `usage_prob`, `usage_count`, `usage_rows`) are buffers updated on the device
+under no_grad: no host sync in forward. `usage_count` is how often each expert was selected (MoE-Adapters'
+`choose_map`, which its freezing rule reads).
 """
 
 from __future__ import annotations
@@ -264,6 +265,7 @@ class MoELoRALinear(nn.Module):
             self._set_group(group, *self._empty_experts(0, dev))
         self.register_buffer("usage_weight", torch.zeros(0, device=dev), persistent=False)
         self.register_buffer("usage_prob", torch.zeros(0, device=dev), persistent=False)
+        self.register_buffer("usage_count", torch.zeros(0, device=dev), persistent=False)
         self.register_buffer("usage_rows", torch.zeros((), device=dev), persistent=False)
         if num_experts:
             self.add_experts(num_experts)
@@ -375,7 +377,7 @@ class MoELoRALinear(nn.Module):
         for name, router in self.routers.items():
             mask = fresh if name in activate else None
             router._reindex(order_t, mask)
-        for buf in ("usage_weight", "usage_prob"):
+        for buf in ("usage_weight", "usage_prob", "usage_count"):
             old_buf = getattr(self, buf)
             val = old_buf[order_t.clamp(min=0)] if old_buf.numel() else torch.zeros(len(order), device=dev)
             setattr(self, buf, torch.where(fresh, torch.zeros_like(val), val))
@@ -474,6 +476,7 @@ class MoELoRALinear(nn.Module):
     def reset_usage(self) -> None:
         self.usage_weight.zero_()
         self.usage_prob.zero_()
+        self.usage_count.zero_()
         self.usage_rows.zero_()
 
     def usage(self) -> torch.Tensor:
@@ -649,6 +652,7 @@ class MoELoRALinear(nn.Module):
     @torch.no_grad()
     def _record_usage(self, idx: torch.Tensor, w: torch.Tensor, probs: torch.Tensor | None) -> None:
         self.usage_weight.index_add_(0, idx.reshape(-1).long(), w.reshape(-1).float())
+        self.usage_count.index_add_(0, idx.reshape(-1).long(), torch.ones_like(w, dtype=torch.float32).reshape(-1))
         if probs is not None:
             self.usage_prob.add_(probs.sum(0))
         self.usage_rows.add_(idx.shape[0])
@@ -668,7 +672,7 @@ class MoELoRALinear(nn.Module):
                 if n != getattr(self, f"A_{group}").shape[0]:
                     self._set_group(group, *self._empty_experts(n, dev))
             E = self.num_experts
-            for buf in ("usage_weight", "usage_prob"):
+            for buf in ("usage_weight", "usage_prob", "usage_count"):
                 if getattr(self, buf).shape[0] != E:
                     setattr(self, buf, torch.zeros(E, device=dev))
             pattern = re.compile(re.escape(prefix) + r"routers\.([^.]+)\.weight$")

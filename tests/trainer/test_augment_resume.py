@@ -52,3 +52,17 @@ def test_augmentation_changes_what_is_trained(tmp_path):
 
 def _log(run_dir):
     return [json.loads(x) for x in (run_dir / "log.jsonl").read_text().splitlines() if '"event": "step"' in x]
+
+
+def test_mtil_augmentation_through_dataloader_workers(tmp_path):
+    # The MTIL path with augmentation in worker processes (the dataset and its seeded transform are pickled):
+    # open_clip's train preprocess crops the decoded fake images; 3 steps per task.
+    from trainer_helpers import mtil_fakes
+
+    root = tmp_path / "data"
+    mtil_fakes().make_dtd(root)
+    res = run_tiny(tmp_path / "run", ["data.kind=mtil", f"data.root={root}", "data.tasks=dtd", "data.augment=true",
+                                      "data.few_shot=1", "train.num_workers=2", "train.iterations=3",
+                                      "train.batch_size=4", "method.min_steps=0", "method.check_every=1",
+                                      "method.selector_prototypes=1"])
+    assert res["complete"] and res["tasks"] == ["dtd"]
