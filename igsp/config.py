@@ -322,7 +322,8 @@ class Config:
         if unknown:
             raise _bad(f"{path}.{unknown[0]}", mapping[unknown[0]],
                        f"keys naming tasks of data.kind={self.data.kind!r}: {', '.join(known)}")
-        missing = [n for n in self.task_names() if n not in mapping]
+        # Stream names outside `known` are data.tasks' error (reported when the stream is built), not this one's.
+        missing = [n for n in self.task_names() if n in known and n not in mapping]
         if missing:
             raise _bad(path, mapping, f"an entry for every task of the stream; missing {', '.join(missing)}")
 
