@@ -76,6 +76,7 @@ import igsp_kernels
 from igsp.adapters import adapter_layers, inject
 from igsp.checkpoint import (
     CHECKPOINT_FORMAT,
+    KILL_EXIT_CODE,
     adapter_state_dict,
     atomic_save,
     atomic_write_json,
@@ -84,11 +85,14 @@ from igsp.checkpoint import (
     load_adapter_state_dict,
     load_checkpoint,
     load_usage_state,
+    restoring_from,
     usage_state,
 )
 from igsp.config import Config, ConfigError
 from igsp.data import TaskDataset, TaskStreamConfig, build_task_stream
+from igsp.data.images import verify_stream_images
 from igsp.data.stream import stream_task_names as data_stream_task_names
+from igsp.health import NonFiniteError, add_context, check_params, check_step
 from igsp.method.convergence import RouterConvergence
 from igsp.method.pruning import expert_grad_norms, prune_candidates
 from igsp.method.subspace import (
@@ -101,6 +105,7 @@ from igsp.method.subspace import (
 )
 from igsp.metrics import added_params, mtil_metrics, parameter_report, trainable_adapter_params
 from igsp.model import create_clip
+from igsp.runlock import RunLock, claim_run_dir
 from igsp.selector import TaskSelector
 
 __all__ = ["KILL_ENV", "KILL_EXIT_CODE", "DistContext", "StepBatchSampler", "Trainer", "lr_at", "parameter_plan",
@@ -109,7 +114,6 @@ __all__ = ["KILL_ENV", "KILL_EXIT_CODE", "DistContext", "StepBatchSampler", "Tra
 logger = logging.getLogger(__name__)
 
 KILL_ENV = "IGSP_TEST_KILL_AT_STEP"
-KILL_EXIT_CODE = 75
 # Prompts per encode_text call at evaluation: CIFAR100 x 18 templates is 1,800 prompts; chunks of 1,024 keep
 # the text tower's activations (77 tokens x width 512) around 0.3 GB in bf16.
 _TEXT_CHUNK = 1024
@@ -318,12 +322,21 @@ class Trainer:
         self.train_images = 0
         self._token_cache: dict[tuple[str, str, str], tuple[torch.Tensor, int]] = {}
         self._kill_at = int(os.environ.get(KILL_ENV, "0") or 0)
+        self._lock: RunLock | None = None  # the run folder's lock (rank 0, while training: igsp.runlock)
 
         if resume is not None:
             self.run_dir = Path(resume)
-            ckpt = load_checkpoint(find_latest(self.run_dir))
-            self.log = _JsonlLog(self.run_dir / "log.jsonl" if self.dist.is_main and not read_only else None)
-            self._restore(ckpt)
+            if not read_only:
+                self._lock = claim_run_dir(self.run_dir, resume=True, rank=self.dist.rank, world=self.dist.world)
+            try:
+                latest = find_latest(self.run_dir)
+                ckpt = load_checkpoint(latest)
+                self.log = _JsonlLog(self.run_dir / "log.jsonl" if self.dist.is_main and not read_only else None)
+                with restoring_from(latest):
+                    self._restore(ckpt)
+            except BaseException:
+                self._release_run_dir()
+                raise
         else:
             if read_only:
                 raise ValueError("read_only=True needs resume=RUN_DIR (there is nothing to evaluate otherwise)")
@@ -352,30 +365,26 @@ class Trainer:
         # MTIL trains with the validation preprocess, as MoE-Adapters / ZSCL (no augmentation): deterministic
         # batches, so a resumed run reads exactly the images of an uninterrupted one.
         transform = preprocess_val if d.kind == "mtil" else None
-        return build_task_stream(scfg, transform=transform)
+        return verify_stream_images(build_task_stream(scfg, transform=transform), skip_bad=d.skip_bad_images)
 
     def _make_run_dir(self) -> Path:
         cfg = self.config
-        if self.dist.is_main:
-            if cfg.output_dir:
-                path = Path(cfg.output_dir)
-            else:
-                path = Path("runs") / f"{cfg.name}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
-            if (path / "checkpoints" / "latest.pt").exists() or (path / "results.json").exists():
-                raise FileExistsError(f"output directory {str(path)!r} already holds a run; continue it with "
-                                      f"`igsp train --resume {path}` or choose another --output")
-            path.mkdir(parents=True, exist_ok=True)
-            (path / "log.jsonl").write_text("", encoding="utf-8")
-            box = [str(path)]
-        else:
-            box = [None]
-        if self.dist.enabled:
+        box = [cfg.output_dir or str(Path("runs") / f"{cfg.name}-{datetime.now().strftime('%Y%m%d-%H%M%S')}")]
+        if self.dist.enabled:  # rank 0's name (its timestamp) for every rank
             dist.broadcast_object_list(box, src=0)
         path = Path(box[0])
+        # Locked before anything is written; refuses a folder holding a run (or a live one), cleans stale temps.
+        self._lock = claim_run_dir(path, resume=False, rank=self.dist.rank, world=self.dist.world)
         cfg.output_dir = str(path)
         if self.dist.is_main:
+            (path / "log.jsonl").write_text("", encoding="utf-8")
             atomic_write_json(path / "config.json", cfg.to_dict())
         return path
+
+    def _release_run_dir(self) -> None:
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
 
     # ----------------------------------------------------------------------------------------- helpers
     def _autocast(self) -> contextlib.AbstractContextManager:
@@ -484,9 +493,11 @@ class Trainer:
             return results
         finally:
             self.log.close()
+            self._release_run_dir()
 
     def close(self) -> None:
-        """Destroy the process group if this trainer created it (after fit; a no-op otherwise)."""
+        """Release the run folder and destroy the process group if this trainer created it (after fit)."""
+        self._release_run_dir()
         if self.dist.owns_group and dist.is_initialized():
             dist.destroy_process_group()
 
@@ -552,7 +563,13 @@ class Trainer:
             step = self.progress["step"] + 1
             phase = self.progress["phase"]
             log_now = step % cfg.train.log_every == 0 or step == total
-            stats = self._step(t, phase, step, images, labels, tokens, n_tpl, log_now)
+            try:
+                stats = self._step(t, phase, step, images, labels, tokens, n_tpl, log_now)
+            except Exception as exc:  # say where it happened (the type stays: the CLI maps it)
+                if not isinstance(exc, NonFiniteError):
+                    add_context(exc, f"while training task {t} ({self.task_names[t]}), step {step}, phase {phase}"
+                                f"; if values became NaN/inf the run diverged: lower train.lr")
+                raise
             now = time.time()
             # Training throughput end to end: data loading, the step, logging and periodic checkpoints.
             self.train_time += now - last
@@ -626,6 +643,9 @@ class Trainer:
         opt.step()
         if self.method == "igsp" and phase == 2:
             project_candidates_(self.layers, self.bases, anchor=self.anchor, grads=False)
+        if log_now or self.device.type == "cpu":  # a host sync: free on the CPU, at logging steps elsewhere
+            check_step(loss, [(n, p) for n, p in self.model.named_parameters() if p.requires_grad], task=t,
+                       task_name=self.task_names[t], step=step, phase=phase, lr=lr)
         if not log_now:
             return {}
         ce_d = ce.detach().reshape(1).clone()
@@ -933,6 +953,8 @@ class Trainer:
         if keep == "none" or self.read_only or not self.dist.is_main:
             return
         state = self._state(wall_time)
+        check_params(list(state["adapters"].items()), where=f"checkpoint at task {self.progress['task']}, step "
+                     f"{self.progress['step']}")  # CPU copies: no extra device sync
         ckpt_dir = self.run_dir / "checkpoints"
         if tag is not None and keep == "all":
             atomic_save(state, ckpt_dir / f"task{self.progress['task']}_{tag}.pt")

@@ -17,6 +17,7 @@ prompt, so per-sample routing there defaults to the token mean (`text_route_toke
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
@@ -91,8 +92,10 @@ class AdapterConfig:
         if self.backend not in ("auto", "reference", "triton", "cpp"):
             raise bad("backend", self.backend, "one of ['auto', 'reference', 'triton', 'cpp']")
         for name in ("scale", "noise_std", "router_init_std"):
-            if isinstance(getattr(self, name), bool) or not isinstance(getattr(self, name), (int, float)):
-                raise bad(name, getattr(self, name), "a number")
+            value = getattr(self, name)
+            # Finite too: scale = NaN and noise_std = NaN were accepted (the latter silently ran as 0; issue 14).
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise bad(name, value, "a finite number")
         if self.noise_std < 0 or self.router_init_std < 0:
             raise bad("noise_std/router_init_std", (self.noise_std, self.router_init_std), "numbers >= 0")
 
