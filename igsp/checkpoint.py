@@ -166,9 +166,27 @@ def atomic_save(obj: Any, path: str | os.PathLike[str]) -> Path:
     return Path(path)
 
 
+# torch's weights-only refusal wraps the real reason in advice that does not apply here (we never retry with
+# weights_only=False); these lines of its message are dropped from the detail we show.
+_TORCH_BOILERPLATE = ("Weights only load failed", "Please file an issue", "Check the documentation")
+_DETAIL_CHARS = 200
+
+
+def _detail(exc: BaseException) -> str:
+    """`exc` in one short line: type, then its message's first informative sentence (whitespace collapsed)."""
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    lines = [ln for ln in lines if not ln.startswith(_TORCH_BOILERPLATE)] or lines
+    text = " ".join(lines)
+    if not isinstance(exc, KeyError):
+        text = text.split(". ")[0]
+    if len(text) > _DETAIL_CHARS:
+        text = text[:_DETAIL_CHARS - 3] + "..."
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
 def _unreadable(path: Path, exc: BaseException) -> CheckpointError:
-    """A CheckpointError saying why torch could not read `path` (its message's first line as the detail)."""
-    detail = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else 'no detail'}"
+    """A CheckpointError saying why torch could not read `path` (torch's reason, shortened, as the detail)."""
+    detail = _detail(exc)
     if isinstance(exc, pickle.UnpicklingError) and "GLOBAL" in str(exc):
         # torch's weights-only unpickler refused a class or function: report it, never load it unsafely.
         found = re.search(r"GLOBAL (\S+)", str(exc))
@@ -198,8 +216,8 @@ def load_checkpoint(path: str | os.PathLike[str], map_location: str | torch.devi
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
     if path.stat().st_size == 0:
-        raise CheckpointError(f"checkpoint {str(path)!r} is empty (0 bytes): the write that made it did not "
-                              "finish; use an earlier checkpoint")
+        raise CheckpointError(f"checkpoint {str(path)!r} is empty (0 bytes); use an earlier one "
+                              "(checkpoints/task<i>_phase<p>.pt copied over latest.pt)")
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, KeyError, IndexError, TypeError,
@@ -224,7 +242,13 @@ def restoring_from(path: str | os.PathLike[str]) -> Iterator[None]:
     except CheckpointError:
         raise
     except (KeyError, ValueError, TypeError, IndexError, AttributeError, RuntimeError) as exc:
-        detail = exc.args[0] if isinstance(exc, KeyError) and len(exc.args) == 1 else str(exc)
+        if isinstance(exc, KeyError) and len(exc.args) == 1 and isinstance(exc.args[0], str):
+            key = exc.args[0]
+            detail = f"it has no entry {key!r}" if " " not in key else key
+        else:
+            detail = " ".join(str(exc).split())  # torch's load_state_dict errors span several lines
+            if len(detail) > 2 * _DETAIL_CHARS:
+                detail = detail[:2 * _DETAIL_CHARS - 3] + "..."
         raise CheckpointError(f"checkpoint {str(path)!r} does not fit this run: {detail}") from exc
 
 
