@@ -697,6 +697,9 @@ class Trainer:
         cfg = self.config
         det = self.detector
         assert det is not None
+        # Pruning may take SVDs (rank_energy); off the CPU this step was not necessarily checked (health.py).
+        check_params([(n, p) for n, p in self.model.named_parameters() if p.requires_grad],
+                     where=f"end of phase 1 of task {t} ({self.task_names[t]}), step {step}")
         usage = dict(det.last_usage)
         report: dict[str, Any] = {}
         grad_norms = dict(self._gn["last"])

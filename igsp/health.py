@@ -6,10 +6,12 @@ Before these, `train.lr = 1e30` trained silently on NaN losses until `linalg.svd
 - `check_step` looks at the step's loss and every trainable tensor after the optimizer step. A check costs a
   host sync, which on an accelerator would stall the pipeline every step, so the engine runs it where a sync
   happens anyway (logging steps: the loss is read there; the last step of every task is one, so the
-  end-of-task SVD never sees NaN) and on the CPU every step (no device queue to stall: ~10 us on the tiny
-  model, far below a step).
-- `check_params` guards every checkpoint: a checkpoint never holds non-finite adapters, so the last
-  checkpoint of a run stopped by `NonFiniteError` is a finite state from before the divergence.
+  end-of-task SVD never sees NaN) and on the CPU every step (no device queue to stall). Its cost there:
+  0.4 ms a step on the tiny preset (24 trainable tensors, 46k elements), 0.6% of its 75 ms step, both
+  measured on this project's shared, loaded 2-core machine.
+- `check_params` guards every checkpoint (on the CPU copies it is made of: no extra sync) and the end of
+  phase 1 (pruning may take SVDs): a checkpoint never holds non-finite adapters, so the last checkpoint of a
+  run stopped by `NonFiniteError` is a finite state from before the divergence.
 
 Both raise `NonFiniteError` naming the task, the step and what went non-finite, with the usual remedy (a lower
 learning rate; the per-task lr of MTIL spans 1e-4 to 5e-3).
@@ -50,12 +52,15 @@ def _where(task: int, task_name: str, step: int, phase: int) -> str:
 
 
 def _all_finite(tensors: Sequence[torch.Tensor]) -> bool:
-    """One reduction, one host sync (not one per tensor)."""
+    """One reduction over one flat copy, one host sync (2x faster than a flag per tensor on the tiny model)."""
     if not tensors:
         return True
     with torch.no_grad():
-        flags = [torch.isfinite(t.detach()).all() for t in tensors]
-        return bool(torch.stack([f.to(flags[0].device) for f in flags]).all())
+        dev = tensors[0].device
+        # float64 stays float64: a huge but finite float64 value must not read as inf after a downcast.
+        dtype = torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+        flat = torch.cat([t.detach().reshape(-1).to(device=dev, dtype=dtype) for t in tensors])
+        return bool(torch.isfinite(flat).all())
 
 
 def _bad_names(named: Iterable[tuple[str, torch.Tensor]]) -> list[str]:
@@ -89,10 +94,10 @@ def check_step(loss: torch.Tensor, named_params: Sequence[tuple[str, torch.Tenso
 
 
 def check_params(named_params: Sequence[tuple[str, torch.Tensor]], *, where: str) -> None:
-    """Raise `NonFiniteError` if a tensor of `named_params` holds NaN/inf (before a checkpoint is written)."""
+    """Raise `NonFiniteError` if a tensor of `named_params` holds NaN/inf (before a checkpoint, a pruning)."""
     if _all_finite([p for _, p in named_params]):
         return
     bad = _bad_names(named_params)
-    raise NonFiniteError(f"{where}: {len(bad)} adapter tensor(s) hold NaN/inf, e.g. {bad[:3]}; not writing a "
-                         "checkpoint of a diverged run (the last checkpoint holds the state before); lower "
-                         "train.lr and start again")
+    raise NonFiniteError(f"{where}: {len(bad)} adapter tensor(s) hold NaN/inf, e.g. {bad[:3]}: the run diverged; "
+                         "lower train.lr and start again (nothing is written from this state: the last checkpoint "
+                         "holds the state before)")
