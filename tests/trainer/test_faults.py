@@ -15,29 +15,17 @@ it, and the end result must equal the uninterrupted run bit for bit (CPU, fixed 
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from trainer_helpers import TINY_OVERRIDES, read_log
+from trainer_helpers import TINY_OVERRIDES, read_log, run_igsp, step_records
 
 from igsp.checkpoint import KILL_EXIT_CODE, KILL_IN_WRITE_ENV, TEMP_PATTERN, load_checkpoint
-from igsp.engine import KILL_ENV
-
-REPO = Path(__file__).resolve().parents[2]
 
 
-def _igsp(*args: str, kill_in: str | None = None) -> subprocess.CompletedProcess:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    env.pop(KILL_ENV, None)
-    env.pop(KILL_IN_WRITE_ENV, None)
-    if kill_in is not None:
-        env[KILL_IN_WRITE_ENV] = kill_in
-    return subprocess.run([sys.executable, "-m", "igsp", "-q", *args], cwd=REPO, env=env, capture_output=True,
-                          text=True, timeout=300)
+def _igsp(*args: str, kill_in: str | None = None):
+    return run_igsp(*args, hooks={KILL_IN_WRITE_ENV: kill_in} if kill_in is not None else None)
 
 
 def _temporaries(run: Path) -> list[Path]:
@@ -54,11 +42,6 @@ def _same(a: object, b: object) -> bool:
     if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
         return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
     return a == b
-
-
-def _step_records(run_dir: Path) -> list[tuple]:
-    keep = ("task", "step", "phase", "loss", "ce", "reg", "lr", "grad_norm", "usage", "grad_norms")
-    return [tuple(repr(r.get(k)) for k in keep) for r in read_log(run_dir) if r["event"] == "step"]
 
 
 @pytest.mark.slow
@@ -97,5 +80,5 @@ def test_kills_inside_atomic_writes_resume_identically_and_leave_no_temporary(ti
         for key in ("adapters", "usage", "selector", "bases", "progress", "acc"):
             assert _same(a[key], b[key]), (name, key)
     # The log was truncated at each restored checkpoint: exactly the uninterrupted run's step records.
-    assert _step_records(run) == _step_records(ref_dir)
+    assert step_records(run) == step_records(ref_dir)
     assert sum(r["event"] == "resume" for r in read_log(run)) == 3
