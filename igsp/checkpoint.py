@@ -38,6 +38,7 @@ import os
 import pickle
 import re
 import secrets
+import warnings
 import zipfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -219,7 +220,10 @@ def load_checkpoint(path: str | os.PathLike[str], map_location: str | torch.devi
         raise CheckpointError(f"checkpoint {str(path)!r} is empty (0 bytes); use an earlier one "
                               "(checkpoints/task<i>_phase<p>.pt copied over latest.pt)")
     try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+        with warnings.catch_warnings():
+            # A foreign pickle makes torch warn about its protocol before failing: the error below says more.
+            warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
+            ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, KeyError, IndexError, TypeError,
             AttributeError, zipfile.BadZipFile, UnicodeDecodeError) as exc:
         raise _unreadable(path, exc) from exc

@@ -335,6 +335,8 @@ class Trainer:
                 with restoring_from(latest):
                     self._restore(ckpt)
             except BaseException:
+                if hasattr(self, "log"):
+                    self.log.close()
                 self._release_run_dir()
                 raise
         else:

@@ -10,9 +10,11 @@ pixel decoding): it catches empty files, random bytes, files of an unknown forma
 JPEG and PNG it also looks for the end marker (JPEG EOI `FF D9`, PNG `IEND`) in the file's last KiB, which
 catches the common truncation (an interrupted copy or download) without decoding: entropy-coded JPEG data
 stuffs every 0xFF byte, so `FF D9` there is the real end marker. Measured on this project's 2-core machine
-(shared and loaded, warm page cache) on 500 random 500x375 JPEGs: 64 us for the header plus 21 us for the tail
-per file, against 5.9 ms for a full decode, so the ~300k images of MTIL take ~25 s, once per start. Files that
-pass but still fail to decode are reported by the dataset when read, naming the file (`BadImageError`).
+(shared and loaded, warm page cache) on 500 random 500x375 JPEGs: 85-130 us per file for header and tail
+together (two sessions under different load; the 16 threads neither help nor hurt with a warm cache), against
+5.9 ms for a full decode. So the ~290k image files of MTIL (CIFAR-100 and MNIST are in memory) would take an
+estimated 25-40 s, once per start. Files that pass but still fail to decode are reported by the dataset when
+read, naming the file (`BadImageError`).
 
 Datasets held in memory (CIFAR-100, MNIST) have no files and are not checked. A dataset takes part when it
 exposes `paths` (one image path per item, e.g. `igsp.data.mtil.MTILVisionDataset`).
