@@ -78,6 +78,7 @@ from igsp.checkpoint import (
     CHECKPOINT_FORMAT,
     KILL_EXIT_CODE,
     adapter_state_dict,
+    adapter_tensors,
     atomic_save,
     atomic_write_json,
     backbone_checksum,
@@ -955,11 +956,14 @@ class Trainer:
     def _save(self, tag: str | None, wall_time: float | None = None) -> None:
         """latest.pt, plus task{i}_{tag}.pt with checkpoint_keep='all' (rank 0; atomic)."""
         keep = self.config.train.checkpoint_keep
-        if keep == "none" or self.read_only or not self.dist.is_main:
+        if keep == "none" or self.read_only:
+            return
+        # Every rank checks (identical adapters: all stop together, none waits in a collective); one sync.
+        check_params(list(adapter_tensors(self.model).items()),
+                     where=f"checkpoint at task {self.progress['task']}, step {self.progress['step']}")
+        if not self.dist.is_main:
             return
         state = self._state(wall_time)
-        check_params(list(state["adapters"].items()), where=f"checkpoint at task {self.progress['task']}, step "
-                     f"{self.progress['step']}")  # CPU copies: no extra device sync
         ckpt_dir = self.run_dir / "checkpoints"
         if tag is not None and keep == "all":
             atomic_save(state, ckpt_dir / f"task{self.progress['task']}_{tag}.pt")

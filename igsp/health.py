@@ -7,11 +7,11 @@ Before these, `train.lr = 1e30` trained silently on NaN losses until `linalg.svd
   host sync, which on an accelerator would stall the pipeline every step, so the engine runs it where a sync
   happens anyway (logging steps: the loss is read there; the last step of every task is one, so the
   end-of-task SVD never sees NaN) and on the CPU every step (no device queue to stall). Its cost there:
-  0.4 ms a step on the tiny preset (24 trainable tensors, 46k elements), 0.6% of its 75 ms step, both
-  measured on this project's shared, loaded 2-core machine.
-- `check_params` guards every checkpoint (on the CPU copies it is made of: no extra sync) and the end of
-  phase 1 (pruning may take SVDs): a checkpoint never holds non-finite adapters, so the last checkpoint of a
-  run stopped by `NonFiniteError` is a finite state from before the divergence.
+  0.7-0.9 ms a step on the tiny preset (24 trainable tensors, 46k elements; parameter walk included), ~1% of
+  its 75 ms step; both measured on this project's shared 2-core machine under load (load average ~8).
+- `check_params` guards every checkpoint (on every rank: their adapters are identical, so they all stop
+  together) and the end of phase 1 (pruning may take SVDs): a checkpoint never holds non-finite adapters,
+  so the last checkpoint of a run stopped by `NonFiniteError` is a finite state from before the divergence.
 
 Both raise `NonFiniteError` naming the task, the step and what went non-finite, with the usual remedy (a lower
 learning rate; the per-task lr of MTIL spans 1e-4 to 5e-3).

@@ -68,7 +68,7 @@ def check_image_file(path: str | os.PathLike[str]) -> str | None:
                 f.seek(max(0, size - _TAIL_BYTES))
                 if marker not in f.read():
                     return f"truncated {fmt} file (no end marker in its last {_TAIL_BYTES} bytes)"
-    except (OSError, SyntaxError, ValueError) as exc:  # PIL: UnidentifiedImageError (OSError), broken headers
+    except Exception as exc:  # PIL: UnidentifiedImageError (OSError), SyntaxError, DecompressionBombError, ...
         return f"{type(exc).__name__}: {exc}"
     return None
 
