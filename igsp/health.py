@@ -10,7 +10,7 @@ Before these, `train.lr = 1e30` trained silently on NaN losses until `linalg.svd
   0.7-0.9 ms a step on the tiny preset (24 trainable tensors, 46k elements; parameter walk included), ~1% of
   its 75 ms step; both measured on this project's shared 2-core machine under load (load average ~8).
 - `check_params` guards every checkpoint (on every rank: their adapters are identical, so they all stop
-  together) and the end of phase 1 (pruning may take SVDs): a checkpoint never holds non-finite adapters,
+  together) and every end of phase (igsp pruning may take SVDs): a checkpoint never holds non-finite adapters,
   so the last checkpoint of a run stopped by `NonFiniteError` is a finite state from before the divergence.
 
 Both raise `NonFiniteError` naming the task, the step and what went non-finite, with the usual remedy (a lower

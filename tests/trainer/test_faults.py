@@ -77,7 +77,9 @@ def test_kills_inside_atomic_writes_resume_identically_and_leave_no_temporary(ti
     for name in ["latest.pt"] + [f"task{t}_phase{q}.pt" for t in range(3) for q in (1, 2)]:
         a = torch.load(run / "checkpoints" / name, weights_only=True)
         b = torch.load(ref_dir / "checkpoints" / name, weights_only=True)
-        for key in ("adapters", "usage", "selector", "bases", "progress", "acc"):
+        assert a.keys() == b.keys(), name
+        # Everything but the clocks and the log size (the resumed log also holds its "resume" records).
+        for key in a.keys() - {"wall_time_s", "train_time_s", "log_offset"}:
             assert _same(a[key], b[key]), (name, key)
     # The log was truncated at each restored checkpoint: exactly the uninterrupted run's step records.
     assert step_records(run) == step_records(ref_dir)
