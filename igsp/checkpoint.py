@@ -58,7 +58,6 @@ __all__ = [
     "TEMP_PATTERN",
     "CheckpointError",
     "adapter_state_dict",
-    "adapter_tensors",
     "atomic_open",
     "atomic_save",
     "atomic_write_bytes",
@@ -288,24 +287,19 @@ def _adapter_modules(model: nn.Module) -> list[tuple[str, MoELoRALinear]]:
     return [(n, m) for n, m in model.named_modules() if isinstance(m, MoELoRALinear)]
 
 
-def adapter_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Every MoE-LoRA layer's parameters and persistent buffers (experts, routers, masks), where they live.
+def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Every MoE-LoRA layer's parameters and persistent buffers (experts, routers, masks), on the CPU.
 
-    The wrapped frozen linear (`base_layer`) is left out: only what training added or changed. Detached views,
-    no copies (what `adapter_state_dict` stores, and what the non-finite guard of a checkpoint checks).
+    The wrapped frozen linear (`base_layer`) is left out: only what training added or changed is stored.
     """
     out: dict[str, torch.Tensor] = {}
     for name, layer in _adapter_modules(model):
         prefix = f"{name}."
         for key, value in layer.state_dict(prefix=prefix).items():
-            if not key.startswith(f"{prefix}base_layer."):
-                out[key] = value.detach()
+            if key.startswith(f"{prefix}base_layer."):
+                continue
+            out[key] = value.detach().cpu().clone()
     return out
-
-
-def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """`adapter_tensors` copied to the CPU: what a checkpoint stores of the model."""
-    return {key: value.cpu().clone() for key, value in adapter_tensors(model).items()}
 
 
 def load_adapter_state_dict(model: nn.Module, state: dict[str, torch.Tensor]) -> None:

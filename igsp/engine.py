@@ -73,7 +73,6 @@ from igsp.checkpoint import (
     CHECKPOINT_FORMAT,
     KILL_EXIT_CODE,
     adapter_state_dict,
-    adapter_tensors,
     atomic_save,
     atomic_write_json,
     backbone_checksum,
@@ -88,7 +87,7 @@ from igsp.config import Config, ConfigError
 from igsp.data import TaskDataset, TaskStreamConfig, build_task_stream
 from igsp.data.images import verify_stream_images
 from igsp.data.stream import stream_task_names as data_stream_task_names
-from igsp.health import NonFiniteError, add_context, check_params, check_step
+from igsp.health import NonFiniteError, add_context, check_params, check_step, trainable_tensors
 from igsp.method.pruning import expert_grad_norms
 from igsp.methods import Method, PlanLayer, get_method
 from igsp.metrics import added_params, mtil_metrics, parameter_report, trainable_adapter_params
@@ -613,8 +612,8 @@ class Trainer:
         opt.step()
         self.method.after_step(t, phase)
         if log_now or self.device.type == "cpu":  # a host sync: free on the CPU, at logging steps elsewhere
-            check_step(loss, [(n, p) for n, p in self.model.named_parameters() if p.requires_grad], task=t,
-                       task_name=self.task_names[t], step=step, phase=phase, lr=lr)
+            check_step(loss, trainable_tensors(self.model), task=t, task_name=self.task_names[t], step=step,
+                       phase=phase, lr=lr)
         if not log_now:
             return {}
         ce_d = ce.detach().reshape(1).clone()
@@ -632,7 +631,7 @@ class Trainer:
         cfg = self.config
         # The method's end_phase may take SVDs (igsp pruning with rank_energy); off the CPU this step was not
         # necessarily checked (igsp/health.py).
-        check_params([(n, p) for n, p in self.model.named_parameters() if p.requires_grad],
+        check_params(trainable_tensors(self.model),
                      where=f"end of phase {phase} of task {t} ({self.task_names[t]}), step {step}")
         self.method.end_phase(t, phase, step)
         nxt = phase + 1
@@ -861,7 +860,7 @@ class Trainer:
         if keep == "none" or self.read_only:
             return
         # Every rank checks (identical adapters: all stop together, none waits in a collective); one sync.
-        check_params(list(adapter_tensors(self.model).items()),
+        check_params(trainable_tensors(self.model),
                      where=f"checkpoint at task {self.progress['task']}, step {self.progress['step']}")
         if not self.dist.is_main:
             return

@@ -9,9 +9,10 @@ Before these, `train.lr = 1e30` trained silently on NaN losses until `linalg.svd
   end-of-task SVD never sees NaN) and on the CPU every step (no device queue to stall). Its cost there:
   0.7-0.9 ms a step on the tiny preset (24 trainable tensors, 46k elements; parameter walk included), ~1% of
   its 75 ms step; both measured on this project's shared 2-core machine under load (load average ~8).
-- `check_params` guards every checkpoint (on every rank: their adapters are identical, so they all stop
-  together) and every end of phase (igsp pruning may take SVDs): a checkpoint never holds non-finite adapters,
-  so the last checkpoint of a run stopped by `NonFiniteError` is a finite state from before the divergence.
+- `check_params` guards every checkpoint (on every rank: their parameters are identical, so they all stop
+  together) and every end of phase (igsp pruning may take SVDs): a checkpoint never holds non-finite adapters
+  (what does not train now was checked while it did), so the last checkpoint of a run stopped by
+  `NonFiniteError` is a finite state from before the divergence.
 
 Both raise `NonFiniteError` naming the task, the step and what went non-finite, with the usual remedy (a lower
 learning rate; the per-task lr of MTIL spans 1e-4 to 5e-3).
@@ -25,7 +26,7 @@ from collections.abc import Iterable, Sequence
 
 import torch
 
-__all__ = ["NonFiniteError", "add_context", "check_params", "check_step"]
+__all__ = ["NonFiniteError", "add_context", "check_params", "check_step", "trainable_tensors"]
 
 logger = logging.getLogger(__name__)
 
@@ -45,6 +46,12 @@ def add_context(exc: BaseException, note: str) -> BaseException:
     else:  # pragma: no cover - Python 3.10
         exc.__notes__ = [*getattr(exc, "__notes__", []), note]  # type: ignore[attr-defined]
     return exc
+
+
+def trainable_tensors(model: torch.nn.Module) -> list[tuple[str, torch.Tensor]]:
+    """(name, parameter) of every parameter that trains now: all a step can turn non-finite (frozen experts and
+    routers were checked while they trained)."""
+    return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
 
 
 def _where(task: int, task_name: str, step: int, phase: int) -> str:
