@@ -92,7 +92,7 @@ from igsp.method.pruning import expert_grad_norms
 from igsp.methods import Method, PlanLayer, get_method
 from igsp.metrics import added_params, mtil_metrics, parameter_report, trainable_adapter_params
 from igsp.model import create_clip
-from igsp.runlock import RunLock, claim_run_dir
+from igsp.runlock import RunLock, claim_run_dir, probe_run_dir
 from igsp.selector import TaskSelector
 
 __all__ = ["KILL_ENV", "KILL_EXIT_CODE", "DistContext", "StepBatchSampler", "Trainer", "lr_at", "method_state",
@@ -267,6 +267,9 @@ class Trainer:
                 # Process-wide, on request: the tiny CPU model runs ~5x faster on 1 thread than on 2 busy cores
                 # (77 ms vs 840 ms a step measured with another job on the same 2-core machine).
                 torch.set_num_threads(cfg.train.cpu_threads)
+        target = resume if resume is not None else cfg.output_dir
+        if target is not None and not read_only:  # a busy or finished folder fails now, not after the set-up
+            probe_run_dir(target, resume=resume is not None, rank=self.dist.rank, world=self.dist.world)
         if cfg.train.precision == "bf16" or (cfg.train.precision == "auto" and self.device.type == "cuda"):
             self.autocast_dtype: torch.dtype | None = torch.bfloat16
         else:

@@ -13,6 +13,8 @@ first checkpoint) both run to exit 0 while `log.jsonl` interleaves their records
   polls every 5 s), so a claim whose recorded holder is no longer alive retries for `STALE_GRACE_S` seconds;
 - under DDP only rank 0 locks (only rank 0 writes); every rank learns the outcome through one broadcast, so a
   refused claim stops all ranks with the same error instead of leaving them waiting in a collective;
+- `probe_run_dir`, called before the slow set-up (model, stream, image check), refuses a busy or finished
+  folder at once without writing anything; the claim after the set-up is the check that counts;
 - after a successful claim, temporaries that killed atomic writes left behind are removed
   (`remove_stale_temporaries`: only igsp.checkpoint's temporary-name pattern, only inside the run folder).
 
@@ -29,9 +31,10 @@ import logging
 import os
 import socket
 import time
+from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, TypeVar
 
 try:  # POSIX; on Windows runs go unlocked (logged once per claim)
     import fcntl
@@ -41,9 +44,10 @@ except ImportError:  # pragma: no cover - not on the Linux CI
 from igsp.checkpoint import TEMP_PATTERN, require_run_dir
 
 __all__ = ["LOCK_NAME", "STALE_GRACE_S", "STALE_TEMP_AGE_S", "RunLock", "RunLockedError", "claim_run_dir",
-           "pid_alive", "remove_stale_temporaries"]
+           "pid_alive", "probe_run_dir", "remove_stale_temporaries"]
 
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
 
 LOCK_NAME = "run.lock"
 # DataLoader workers forked by a killed run keep its lock until torch's worker watchdog notices the dead
@@ -168,6 +172,24 @@ class RunLock:
         self._file = f
         return self
 
+    def probe(self, *, purpose: str = "train") -> None:
+        """Raise `RunLockedError` if a live process holds the lock now; takes nothing and writes nothing.
+
+        A holder whose recorded pid is gone (its forked children may keep the lock a few seconds) is not
+        reported: `acquire` waits for those.
+        """
+        if fcntl is None or not self.path.is_file():  # no lock file: never locked
+            return
+        with open(self.path, "rb") as f:  # flock does not need write access
+            try:  # shared: conflicts with a run's exclusive lock, not with other probes
+                fcntl.flock(f.fileno(), fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except BlockingIOError:
+                info = self.holder()
+                pid = info.get("pid")
+                if not (info.get("host") == socket.gethostname() and isinstance(pid, int) and not pid_alive(pid)):
+                    raise RunLockedError(self._busy_message(info, purpose)) from None
+            # closing the file drops the probe's lock
+
     def release(self) -> None:
         """Drop the lock (closing the descriptor releases the flock). Idempotent."""
         if self._file is not None:
@@ -200,6 +222,48 @@ def _refuse_existing_run(path: Path) -> None:
                               f"`igsp train --resume {path}` or choose another --output")
 
 
+def _on_rank0(fn: Callable[[], T], rank: int, world: int) -> T | None:
+    """fn() on rank 0 only; with world > 1 its failure is broadcast, so every rank raises the same error (the
+    other ranks would otherwise wait forever in their next collective for a rank 0 that has gone)."""
+    result: T | None = None
+    error: BaseException | None = None
+    if rank == 0:
+        try:
+            result = fn()
+        except Exception as exc:  # broadcast first, then raise below
+            error = exc
+    if world > 1:
+        import torch.distributed as dist
+
+        box = [error]
+        dist.broadcast_object_list(box, src=0)
+        error = box[0]
+    if error is not None:
+        raise error
+    return result
+
+
+def probe_run_dir(path: str | os.PathLike[str], *, resume: bool, rank: int = 0, world: int = 1) -> None:
+    """Refuse early what `claim_run_dir` will refuse, writing nothing: call it before the slow set-up.
+
+    A run builds its model and checks its images before it claims its folder (nothing may be written before
+    the configuration has proved sound), which takes from seconds to a minute for ViT-B/16 on MTIL; this probe
+    lets a busy or finished folder fail at once. It is advisory (the folder can change hands in between):
+    `claim_run_dir` remains the check that counts. Same arguments, errors and DDP rule as `claim_run_dir`.
+    """
+    path = Path(path)
+
+    def probe() -> None:
+        if resume:
+            require_run_dir(path)
+        if path.is_dir():
+            RunLock(path).probe(purpose="resume" if resume else "train")
+            if not resume:
+                _refuse_existing_run(path)
+
+    _on_rank0(probe, rank, world)
+
+
 def claim_run_dir(path: str | os.PathLike[str], *, resume: bool, rank: int = 0, world: int = 1) -> RunLock | None:
     """Make `path` this run's folder: lock it (rank 0), refuse what must not happen, clean stale temporaries.
 
@@ -215,31 +279,21 @@ def claim_run_dir(path: str | os.PathLike[str], *, resume: bool, rank: int = 0, 
         FileNotFoundError / NotADirectoryError: `resume=True` and `path` is not a run folder.
     """
     path = Path(path)
-    lock: RunLock | None = None
-    error: BaseException | None = None
-    if rank == 0:
-        try:
-            if resume:
-                require_run_dir(path)
-            lock = RunLock(path).acquire(purpose="resume" if resume else "train")
-            try:
-                if not resume:
-                    _refuse_existing_run(path)
-                removed = remove_stale_temporaries(path)
-            except BaseException:
-                lock.release()
-                raise
-            if removed:
-                logger.info("removed %d stale temporary file(s) of killed writes under %s: %s", len(removed),
-                            path, [str(p.relative_to(path)) for p in removed[:5]])
-        except Exception as exc:  # broadcast first (other ranks would wait forever), then raise below
-            error = exc
-    if world > 1:
-        import torch.distributed as dist
 
-        box = [error]
-        dist.broadcast_object_list(box, src=0)
-        error = box[0]
-    if error is not None:
-        raise error
-    return lock
+    def claim() -> RunLock:
+        if resume:
+            require_run_dir(path)
+        lock = RunLock(path).acquire(purpose="resume" if resume else "train")
+        try:
+            if not resume:
+                _refuse_existing_run(path)
+            removed = remove_stale_temporaries(path)
+        except BaseException:
+            lock.release()
+            raise
+        if removed:
+            logger.info("removed %d stale temporary file(s) of killed writes under %s: %s", len(removed), path,
+                        [str(p.relative_to(path)) for p in removed[:5]])
+        return lock
+
+    return _on_rank0(claim, rank, world)

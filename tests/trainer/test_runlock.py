@@ -20,7 +20,15 @@ import pytest
 
 from igsp.checkpoint import TEMP_PATTERN, atomic_write_bytes
 from igsp.cli import main
-from igsp.runlock import LOCK_NAME, STALE_TEMP_AGE_S, RunLock, RunLockedError, claim_run_dir, remove_stale_temporaries
+from igsp.runlock import (
+    LOCK_NAME,
+    STALE_TEMP_AGE_S,
+    RunLock,
+    RunLockedError,
+    claim_run_dir,
+    probe_run_dir,
+    remove_stale_temporaries,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -104,11 +112,16 @@ def test_a_dead_holders_lingering_child_is_waited_for(tmp_path):
         RunLock(tmp_path / "run2").acquire(grace_s=0)
 
 
-def test_second_run_into_a_live_folder_is_refused_and_writes_nothing(tmp_path, capsys):
+def _no_model(*args, **kwargs):
+    raise AssertionError("the model was built: the refusal should have come first")
+
+
+def test_second_run_into_a_live_folder_is_refused_and_writes_nothing(tmp_path, capsys, monkeypatch):
     run = tmp_path / "run"
     holder = _hold(run)
     (run / "log.jsonl").write_text('{"event": "step"}\n')  # what the live run has written so far
     before = {p.name: p.read_bytes() for p in run.iterdir() if p.name != LOCK_NAME}
+    monkeypatch.setattr("igsp.engine.create_clip", _no_model)  # refused by the probe, before any set-up
     try:
         assert main(["-q", "train", "tiny", "--output", str(run)]) == 2
     finally:
@@ -118,10 +131,11 @@ def test_second_run_into_a_live_folder_is_refused_and_writes_nothing(tmp_path, c
     assert {p.name: p.read_bytes() for p in run.iterdir() if p.name != LOCK_NAME} == before
 
 
-def test_resume_of_a_live_run_is_refused(tiny_run, tmp_path, capsys):
+def test_resume_of_a_live_run_is_refused(tiny_run, tmp_path, capsys, monkeypatch):
     run = tmp_path / "run"
     shutil.copytree(tiny_run[0], run)
     log = (run / "log.jsonl").read_bytes()
+    monkeypatch.setattr("igsp.engine.create_clip", _no_model)
     holder = _hold(run)
     try:
         assert main(["-q", "train", "--resume", str(run)]) == 2
@@ -132,11 +146,31 @@ def test_resume_of_a_live_run_is_refused(tiny_run, tmp_path, capsys):
     assert (run / "log.jsonl").read_bytes() == log  # not truncated to the checkpoint's offset
 
 
+def test_the_claim_refuses_a_live_folder_that_the_probe_let_pass(tmp_path):
+    # The probe is advisory: a run that takes the folder between a probe and the claim is caught by the claim.
+    run = tmp_path / "run"
+    probe_run_dir(run, resume=False)  # free (it does not even exist), and the probe created nothing
+    assert not run.exists()
+    holder = _hold(run)
+    try:
+        with pytest.raises(RunLockedError, match=f"pid {holder.pid}"):
+            claim_run_dir(run, resume=False)
+        with pytest.raises(RunLockedError, match=f"pid {holder.pid}"):
+            probe_run_dir(run, resume=False)
+    finally:
+        _release(holder)
+    assert sorted(p.name for p in run.iterdir()) == [LOCK_NAME]  # neither wrote anything else
+    probe_run_dir(run, resume=False)
+    claim_run_dir(run, resume=False).release()
+
+
 def test_finished_or_checkpointed_folder_is_refused_for_a_new_run(tmp_path):
     for marker in ("results.json", "checkpoints/latest.pt"):
         folder = tmp_path / marker.replace("/", "_")
         (folder / marker).parent.mkdir(parents=True)
         (folder / marker).write_text("{}")
+        with pytest.raises(FileExistsError, match="--resume"):
+            probe_run_dir(folder, resume=False)
         with pytest.raises(FileExistsError, match="--resume"):
             claim_run_dir(folder, resume=False)
         RunLock(folder).acquire(grace_s=0).release()  # the refusal released its lock
