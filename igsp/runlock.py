@@ -104,6 +104,13 @@ def remove_stale_temporaries(root: str | os.PathLike[str]) -> list[Path]:
     return removed
 
 
+def _holder_gone(info: dict[str, Any]) -> bool:
+    """The lock file names a process of this host that no longer exists (its forked children may still hold
+    the lock for a few seconds)."""
+    pid = info.get("pid")
+    return info.get("host") == socket.gethostname() and isinstance(pid, int) and not pid_alive(pid)
+
+
 class RunLock:
     """An exclusive, non-blocking `flock` on `RUN_DIR/run.lock`; the file records who holds it.
 
@@ -152,10 +159,7 @@ class RunLock:
                     break
                 except BlockingIOError:
                     info = self.holder()
-                    pid = info.get("pid")
-                    stale = (info.get("host") == socket.gethostname() and isinstance(pid, int)
-                             and not pid_alive(pid))
-                    if stale and time.monotonic() < deadline:
+                    if _holder_gone(info) and time.monotonic() < deadline:
                         time.sleep(_RETRY_S)
                         continue
                     f.close()
@@ -185,8 +189,7 @@ class RunLock:
                 fcntl.flock(f.fileno(), fcntl.LOCK_SH | fcntl.LOCK_NB)
             except BlockingIOError:
                 info = self.holder()
-                pid = info.get("pid")
-                if not (info.get("host") == socket.gethostname() and isinstance(pid, int) and not pid_alive(pid)):
+                if not _holder_gone(info):
                     raise RunLockedError(self._busy_message(info, purpose)) from None
             # closing the file drops the probe's lock
 
