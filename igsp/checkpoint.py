@@ -111,6 +111,8 @@ def _maybe_kill_in_write(path: Path) -> None:
     if not spec:
         return
     name, _, count = spec.rpartition(":")
+    if not name or not count.isdigit():
+        raise ValueError(f"{KILL_IN_WRITE_ENV}: got {spec!r}; allowed: NAME:N (e.g. latest.pt:3)")
     if name != path.name:
         return
     _write_counts[name] = _write_counts.get(name, 0) + 1
