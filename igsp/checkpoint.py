@@ -18,6 +18,17 @@ What a checkpoint holds (a dict of tensors, plain containers and primitives only
 Atomicity: the file is written to a temporary name in the same directory, flushed and fsync'ed, then
 `os.replace`d over the target (atomic on POSIX), and the directory is fsync'ed so the rename itself survives a
 crash. A reader therefore sees either the previous complete file or the new complete file, never a torn one.
+Temporary names follow one pattern, `.<target name>.<writer pid>.<8 hex digits>.tmp` (`TEMP_PATTERN`): a process
+killed between creating and renaming its temporary leaves it behind, and `igsp.runlock.remove_stale_temporaries`
+(called when a run claims its folder) removes exactly those files whose writer is gone.
+
+Loading (`load_checkpoint`) never shows torch's zip or unpickler errors raw: an empty, truncated, random-bytes,
+foreign or unsafe file raises `CheckpointError` naming the file and what is wrong with it, and a checkpoint that
+loads but does not fit the run (`restoring_from`) does the same.
+
+Test hook: `IGSP_TEST_KILL_IN_WRITE=NAME:N` makes the process exit hard (`os._exit(KILL_EXIT_CODE)`, no cleanup,
+like a SIGKILL) during its N-th atomic write of a file called NAME, after the temporary is written and synced
+and before the rename: the fault-injection test of tests/trainer/ uses it. It is not meant for users.
 """
 
 from __future__ import annotations
@@ -26,7 +37,11 @@ import contextlib
 import json
 import logging
 import os
-import tempfile
+import pickle
+import re
+import secrets
+import warnings
+import zipfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -38,19 +53,40 @@ from igsp_kernels import MoELoRALinear
 
 __all__ = [
     "CHECKPOINT_FORMAT",
+    "KILL_EXIT_CODE",
+    "KILL_IN_WRITE_ENV",
+    "TEMP_PATTERN",
+    "CheckpointError",
     "adapter_state_dict",
+    "atomic_open",
     "atomic_save",
+    "atomic_write_bytes",
+    "atomic_write_json",
     "backbone_checksum",
     "find_latest",
     "load_adapter_state_dict",
     "load_checkpoint",
-    "usage_state",
     "load_usage_state",
+    "require_run_dir",
+    "restoring_from",
+    "usage_state",
 ]
 
 logger = logging.getLogger(__name__)
 
 CHECKPOINT_FORMAT = 1
+KILL_IN_WRITE_ENV = "IGSP_TEST_KILL_IN_WRITE"
+KILL_EXIT_CODE = 75  # the test hooks' exit status (EX_TEMPFAIL): distinct from a crash (1) or bad input (2)
+# `.<target>.<pid>.<8 hex>.tmp`; the pid tells a live writer's temporary from a killed one's.
+TEMP_PATTERN = re.compile(r"^\.(?P<target>.+)\.(?P<pid>[0-9]+)\.[0-9a-f]{8}\.tmp$")
+_write_counts: dict[str, int] = {}
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file cannot be used: empty, truncated, corrupt, foreign, unsafe, or made by another run.
+
+    The message names the file and what is wrong; the underlying torch error is chained as the cause.
+    """
 
 
 def _fsync_dir(path: Path) -> None:
@@ -66,21 +102,49 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _temp_name(path: Path) -> Path:
+    return path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+
+
+def _maybe_kill_in_write(path: Path) -> None:
+    spec = os.environ.get(KILL_IN_WRITE_ENV)
+    if not spec:
+        return
+    name, _, count = spec.rpartition(":")
+    if not name or not count.isdigit():
+        raise ValueError(f"{KILL_IN_WRITE_ENV}: got {spec!r}; allowed: NAME:N (e.g. latest.pt:3)")
+    if name != path.name:
+        return
+    _write_counts[name] = _write_counts.get(name, 0) + 1
+    if _write_counts[name] == int(count):
+        logger.warning("%s=%s: exiting hard inside the atomic write of %s (test hook)", KILL_IN_WRITE_ENV, spec,
+                       path)
+        os._exit(KILL_EXIT_CODE)
+
+
 @contextlib.contextmanager
 def atomic_open(path: str | os.PathLike[str]) -> Iterator[BinaryIO]:
     """Write a file atomically: yield a binary file in the same directory, then fsync and `os.replace` it.
 
-    A crash leaves either the old file or the new one, never a torn one; the temporary file is removed on error.
+    A crash leaves either the old file or the new one, never a torn one; the temporary file (named after
+    `TEMP_PATTERN`) is removed on error, and by `igsp.runlock.remove_stale_temporaries` after a kill. The file
+    gets mode 0o644 minus the umask (results, reports and checkpoints are meant to be shared).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    while True:
+        tmp = _temp_name(path)
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o644)
+            break
+        except FileExistsError:  # 2^32 names per pid and target: only a leftover of a reused pid collides
+            continue
     try:
         with os.fdopen(fd, "wb") as f:
             yield f
             f.flush()
             os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; results, reports and checkpoints are meant to be shared
+        _maybe_kill_in_write(path)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
@@ -107,17 +171,109 @@ def atomic_save(obj: Any, path: str | os.PathLike[str]) -> Path:
     return Path(path)
 
 
+# torch's weights-only refusal wraps the real reason in advice that does not apply here (we never retry with
+# weights_only=False); these lines of its message are dropped from the detail we show.
+_TORCH_BOILERPLATE = ("Weights only load failed", "Please file an issue", "Check the documentation")
+_DETAIL_CHARS = 200
+
+
+def _detail(exc: BaseException) -> str:
+    """`exc` in one short line: type, then its message's first informative sentence (whitespace collapsed)."""
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    lines = [ln for ln in lines if not ln.startswith(_TORCH_BOILERPLATE)] or lines
+    text = " ".join(lines)
+    if not isinstance(exc, KeyError):
+        text = text.split(". ")[0]
+    if len(text) > _DETAIL_CHARS:
+        text = text[:_DETAIL_CHARS - 3] + "..."
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def _unreadable(path: Path, exc: BaseException) -> CheckpointError:
+    """A CheckpointError saying why torch could not read `path` (torch's reason, shortened, as the detail)."""
+    detail = _detail(exc)
+    if isinstance(exc, pickle.UnpicklingError) and "GLOBAL" in str(exc):
+        # torch's weights-only unpickler refused a class or function: report it, never load it unsafely.
+        found = re.search(r"GLOBAL (\S+)", str(exc))
+        what = f"pickled objects other than tensors and plain containers ({found.group(1) if found else 'code'})"
+        return CheckpointError(f"checkpoint {str(path)!r} holds {what}; refused without running them "
+                               "(not an igsp checkpoint; load only files from a trusted source)")
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if head == b"PK\x03\x04" and not zipfile.is_zipfile(path):
+        problem = "is truncated or corrupt (a torch zip archive without a readable directory)"
+    elif not zipfile.is_zipfile(path):
+        problem = "is not a torch checkpoint (random bytes, another format, or truncated)"
+    else:
+        problem = "is corrupt (torch could not read its contents)"
+    return CheckpointError(f"checkpoint {str(path)!r} {problem}; torch said {detail}")
+
+
 def load_checkpoint(path: str | os.PathLike[str], map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Load a checkpoint with `weights_only=True`; raises ValueError for a foreign or newer format."""
+    """Load an igsp training checkpoint with `weights_only=True` (no pickled code is ever run).
+
+    Raises:
+        FileNotFoundError: `path` does not exist.
+        CheckpointError: the file is empty, truncated, random bytes, holds unsafe pickles, is not an igsp
+            checkpoint, or has another format version; the message names the file.
+    """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
-    ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"checkpoint {str(path)!r} is empty (0 bytes); use an earlier one "
+                              "(checkpoints/task<i>_phase<p>.pt copied over latest.pt)")
+    try:
+        with warnings.catch_warnings():
+            # A foreign pickle makes torch warn about its protocol before failing: the error below says more.
+            warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
+            ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, KeyError, IndexError, TypeError,
+            AttributeError, zipfile.BadZipFile, UnicodeDecodeError) as exc:
+        raise _unreadable(path, exc) from exc
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
         found = ckpt.get("format") if isinstance(ckpt, dict) else type(ckpt).__name__
-        raise ValueError(f"checkpoint {str(path)!r}: format {found!r}, expected {CHECKPOINT_FORMAT} "
-                         "(an igsp training checkpoint)")
+        raise CheckpointError(f"checkpoint {str(path)!r}: format {found!r}, expected {CHECKPOINT_FORMAT} "
+                              "(an igsp training checkpoint)")
     return ckpt
+
+
+@contextlib.contextmanager
+def restoring_from(path: str | os.PathLike[str]) -> Iterator[None]:
+    """Turn errors raised while restoring a loaded checkpoint into a `CheckpointError` naming the file.
+
+    A file with the right format tag can still miss keys or hold tensors of other shapes (hand-edited, or
+    written by another version); the restore code then fails with KeyError, shape RuntimeErrors and the like.
+    """
+    try:
+        yield
+    except CheckpointError:
+        raise
+    except (KeyError, ValueError, TypeError, IndexError, AttributeError, RuntimeError) as exc:
+        if isinstance(exc, KeyError) and len(exc.args) == 1 and isinstance(exc.args[0], str):
+            key = exc.args[0]
+            detail = f"it has no entry {key!r}" if " " not in key else key
+        else:
+            detail = " ".join(str(exc).split())  # torch's load_state_dict errors span several lines
+            if len(detail) > 2 * _DETAIL_CHARS:
+                detail = detail[:2 * _DETAIL_CHARS - 3] + "..."
+        raise CheckpointError(f"checkpoint {str(path)!r} does not fit this run: {detail}") from exc
+
+
+def require_run_dir(run_dir: str | os.PathLike[str]) -> Path:
+    """`run_dir` as a Path if it is an existing igsp run folder (it holds config.json), else a clear error.
+
+    Raises:
+        FileNotFoundError: no such folder, or a folder without config.json. NotADirectoryError: a file.
+    """
+    path = Path(run_dir)
+    if not path.exists():
+        raise FileNotFoundError(f"no such folder: {str(run_dir)!r}")
+    if not path.is_dir():
+        raise NotADirectoryError(f"not a folder: {str(run_dir)!r} (give a run directory)")
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"folder {str(run_dir)!r} is not an igsp run directory (it has no config.json)")
+    return path
 
 
 def find_latest(run_dir: str | os.PathLike[str]) -> Path:

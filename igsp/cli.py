@@ -12,6 +12,14 @@ directory. Subcommands live in the `COMMANDS` registry: `register_command(name, 
 a module in `OPTIONAL_COMMAND_MODULES` that exists is imported and its `add_cli_commands(register_command)`
 called, so a report module can add `igsp report` without editing this file.
 
+Errors, for every command (registered ones included): `main()` turns any exception a command raises into one
+line on stderr, `igsp CMD: error: MESSAGE`, where the message names the file or field (notes the library
+attached follow it after "; "). Bad input (a config value, a missing or malformed file or folder, a corrupt or
+foreign checkpoint, an unreadable image, a busy run folder, a diverged run: `input_error_types()`) exits 2,
+like argparse's own usage errors. Anything else is a bug or an environment failure: the line names the
+exception type and the command exits 1. `--debug` (before or after the command) prints the full traceback
+too. Ctrl-C exits 130 with one line.
+
 This module prints: its output is the command's output. The library underneath only logs.
 """
 
@@ -24,17 +32,33 @@ import logging
 import os
 import sys
 import time
+import traceback
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-__all__ = ["COMMANDS", "OPTIONAL_COMMAND_MODULES", "DEMO_PRESETS", "format_matrix", "main", "register_command"]
+__all__ = ["COMMANDS", "DEMO_PRESETS", "EXIT_BUG", "EXIT_INPUT", "OPTIONAL_COMMAND_MODULES", "error_message",
+           "format_matrix", "input_error_types", "main", "register_command"]
 
 logger = logging.getLogger(__name__)
 
 DEMO_PRESETS = ("digits-igsp", "digits-moe-adapters", "digits-zeroshot")
 OPTIONAL_COMMAND_MODULES = ("igsp.report", "igsp.plan")
+EXIT_INPUT = 2  # bad input (argparse uses 2 for usage errors too)
+EXIT_BUG = 1
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report it
+
+
+def input_error_types() -> tuple[type[BaseException], ...]:
+    """The exception types that mean bad input (exit 2); imported on use, so `igsp --help` stays fast."""
+    from igsp.model import PretrainedWeightsError
+    from igsp.runlock import RunLockedError
+
+    # OSError: missing or unreadable files and folders (FileNotFoundError, DatasetNotFoundError, BadImageError,
+    # PermissionError); ValueError: ConfigError, CheckpointError, RunDirError and every library argument check;
+    # ArithmeticError: NonFiniteError (a diverged run: its config's lr).
+    return (OSError, ValueError, ArithmeticError, PretrainedWeightsError, RunLockedError)
 
 
 @dataclass
@@ -127,6 +151,7 @@ def _data_overrides(args: argparse.Namespace) -> list[str]:
 
 
 def _run_train(args: argparse.Namespace) -> int:
+    from igsp.checkpoint import require_run_dir
     from igsp.config import load_config
     from igsp.engine import Trainer
 
@@ -136,11 +161,11 @@ def _run_train(args: argparse.Namespace) -> int:
     if args.resume:
         if args.config and Path(args.config).resolve() != Path(args.resume).resolve():
             logger.warning("--resume %s: using the run's own config.json, not %s", args.resume, args.config)
-        config = load_config(args.resume, overrides)
+        config = load_config(require_run_dir(args.resume), overrides)
         trainer = Trainer(config, resume=args.resume)
     else:
         if not args.config:
-            raise SystemExit("igsp train: give CONFIG (a preset, JSON file or run directory) or --resume RUN_DIR")
+            args._parser.error("give CONFIG (a preset, JSON file or run directory) or --resume RUN_DIR")
         config = load_config(args.config, overrides)
         if args.output:
             config.output_dir = args.output
@@ -163,11 +188,12 @@ def _configure_eval(p: argparse.ArgumentParser) -> None:
 
 
 def _run_eval(args: argparse.Namespace) -> int:
+    from igsp.checkpoint import require_run_dir
     from igsp.config import load_config
     from igsp.engine import Trainer
 
     overrides = ([f"method.selector={args.selector}"] if args.selector else []) + _data_overrides(args)
-    config = load_config(args.run_dir, overrides)
+    config = load_config(require_run_dir(args.run_dir), overrides)
     trainer = Trainer(config, resume=args.run_dir, read_only=True)
     try:
         row, stats = trainer.evaluate()
@@ -194,10 +220,21 @@ def _configure_params(p: argparse.ArgumentParser) -> None:
     p.add_argument("config", help="preset name, JSON file or run directory")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="A.B=VALUE",
                    help="override a config value (repeatable)")
-    p.add_argument("--survival", type=float, default=1.0,
-                   help="igsp: fraction of candidates that survive pruning (default 1.0: all)")
+    p.add_argument("--survival", type=_fraction, default=1.0,
+                   help="igsp: fraction of candidates that survive pruning, in [0, 1] (default 1.0: all)")
     p.add_argument("--baseline", metavar="CONFIG", help="another config (e.g. an moe-adapters preset) to compare")
     p.add_argument("--json", action="store_true", help="print the full report as JSON")
+
+
+def _fraction(text: str) -> float:
+    """argparse type: a number in [0, 1] (argparse names the option in its error)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"got {text!r}; allowed: a number in [0, 1]") from None
+    if not 0.0 <= value <= 1.0:  # also refuses nan
+        raise argparse.ArgumentTypeError(f"got {text}; allowed: a number in [0, 1]")
+    return value
 
 
 def _params_lines(rep: dict[str, Any]) -> list[str]:
@@ -300,37 +337,79 @@ def _load_optional_commands() -> None:
             hook(register_command)
 
 
+def _add_debug_argument(p: argparse.ArgumentParser, default: Any) -> None:
+    p.add_argument("--debug", action="store_true", default=default,
+                   help="on an error, print the full traceback (and log at debug level)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argparse parser with every registered subcommand."""
     _load_optional_commands()
     parser = argparse.ArgumentParser(prog="igsp", description="iGSP continual learning for CLIP (MoE-LoRA).")
     parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors on stderr")
+    _add_debug_argument(parser, False)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     for cmd in COMMANDS.values():
         p = sub.add_parser(cmd.name, help=cmd.help, description=cmd.help)
         cmd.configure(p)
-        p.set_defaults(_command=cmd)
+        # SUPPRESS: `igsp --debug CMD` is not undone by the subcommand's default; `igsp CMD --debug` works too.
+        _add_debug_argument(p, argparse.SUPPRESS)
+        p.set_defaults(_command=cmd, _parser=p)
     return parser
 
 
+def error_message(exc: BaseException) -> str:
+    """`exc` as the text after `igsp CMD: error: ` (no traceback; notes appended after "; ").
+
+    A KeyError's message is its argument (str() would quote it). An error re-raised from a DataLoader worker
+    carries the worker's traceback in its message: only its last line (the original error) is kept.
+    """
+    if isinstance(exc, KeyError) and len(exc.args) == 1 and isinstance(exc.args[0], str):
+        text = exc.args[0]
+    else:
+        text = str(exc)
+    if "Original Traceback (most recent call last)" in text:
+        last = [line for line in text.strip().splitlines() if line.strip()][-1]
+        text = last.split(": ", 1)[1] if ": " in last else last
+    text = text.strip() or type(exc).__name__
+    notes = [n for n in getattr(exc, "__notes__", ()) if isinstance(n, str)]
+    return "; ".join([text, *notes])
+
+
+def _fail(command: str, exc: BaseException, debug: bool) -> int:
+    if debug:
+        traceback.print_exception(type(exc), exc, exc.__traceback__, file=sys.stderr)
+    rank = int(os.environ.get("RANK", "0"))
+    where = f"igsp {command}" + (f" (rank {rank})" if rank else "")  # DDP: every rank reports its own failure
+    if isinstance(exc, input_error_types()):
+        print(f"{where}: error: {error_message(exc)}", file=sys.stderr, flush=True)
+        return EXIT_INPUT
+    first = error_message(exc).splitlines()[0]
+    hint = "" if debug else " (rerun with --debug for the traceback)"
+    print(f"{where}: error: {type(exc).__name__}: {first}{hint}", file=sys.stderr, flush=True)
+    return EXIT_BUG
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Parse `argv` (default sys.argv[1:]), run the subcommand, return its exit code (2: bad input)."""
+    """Parse `argv` (default sys.argv[1:]), run the subcommand, return its exit code.
+
+    0: success; 2: bad input (argparse usage errors included); 1: an unexpected error; 130: interrupted.
+    Failures print one `igsp CMD: error: ...` line (module docstring); `--debug` adds the traceback.
+    """
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("igsp").setLevel(logging.WARNING if args.quiet else logging.INFO)
+    level = logging.DEBUG if args.debug else logging.WARNING if args.quiet else logging.INFO
+    logging.getLogger("igsp").setLevel(level)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-
-    from igsp.config import ConfigError
-    from igsp.data import DatasetNotFoundError
-    from igsp.model import PretrainedWeightsError
-
     try:
         return args._command.run(args)
-    except (ConfigError, DatasetNotFoundError, PretrainedWeightsError, FileExistsError, FileNotFoundError) as exc:
-        print(f"igsp {args.command}: error: {exc}", file=sys.stderr)
-        return 2
+    except KeyboardInterrupt:
+        print(f"igsp {args.command}: interrupted", file=sys.stderr, flush=True)
+        return EXIT_INTERRUPTED
+    except Exception as exc:
+        return _fail(args.command, exc, args.debug)
 
 
 if __name__ == "__main__":

@@ -30,6 +30,7 @@ import copy
 import dataclasses
 import json
 import logging
+import math
 import os
 import types
 import typing
@@ -38,6 +39,7 @@ from pathlib import Path
 from typing import Any, Literal, Union
 
 from igsp.adapters import AdapterConfig
+from igsp.checkpoint import atomic_write_json
 from igsp.methods import get_method, method_names
 
 __all__ = [
@@ -85,12 +87,20 @@ def _int_range(path: str, value: Any, low: int, high: int | None = None) -> None
 
 
 def _float_range(path: str, value: Any, low: float, high: float | None = None, *, low_open: bool = False) -> None:
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    """A finite number in [low, high] (`(low, ...` with low_open; no upper bound with high=None).
+
+    Infinity is refused even without an upper bound: no float field has a meaning for it (train.lr = inf
+    trained on NaN losses and crashed in linalg.svd at the end of task 0; issue 14); NaN fails every
+    comparison, so it is refused too.
+    """
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
     if ok:
         ok = (value > low if low_open else value >= low) and (high is None or value <= high)
     if not ok:
         lo = "(" if low_open else "["
-        raise _bad(path, value, f"a number in {lo}{low}, {'inf' if high is None else high}]")
+        if high is None:
+            raise _bad(path, value, f"a finite number {'>' if low_open else '>='} {low}")
+        raise _bad(path, value, f"a number in {lo}{low}, {high}]")
 
 
 # --------------------------------------------------------------------------------------------------- sections
@@ -186,6 +196,9 @@ class DataConfig:
     num_tasks: int = field(default=3, metadata={"help": "synthetic: number of tasks"})
     num_classes: int = field(default=4, metadata={"help": "synthetic: classes per task"})
     samples_per_class: int = field(default=16, metadata={"help": "synthetic: items per class and split"})
+    skip_bad_images: bool = field(default=False, metadata={
+        "help": "image files are header-checked before training; false: stop listing bad files, true: leave "
+                "them out (the count is logged)"})
 
     def validate(self, path: str = "data") -> None:
         _choice(f"{path}.kind", self.kind, DATA_KINDS)
@@ -464,7 +477,12 @@ def resolve_preset(name_or_path: str | os.PathLike[str]) -> Path:
     preset = PRESET_DIR / f"{name_or_path}.json"
     if preset.is_file():
         return preset
-    raise ConfigError(f"config: got {str(name_or_path)!r}; allowed: a JSON file, a run directory or a preset "
+    if path.is_dir():
+        raise ConfigError(f"config: folder {str(name_or_path)!r} holds no config.json (not a run directory)")
+    text = str(name_or_path)
+    if os.sep in text or "/" in text or text.endswith(".json"):  # meant as a path, not a preset name
+        raise ConfigError(f"config: no such file or folder: {text!r}")
+    raise ConfigError(f"config: got {text!r}; allowed: a JSON file, a run directory or a preset "
                       f"name ({', '.join(list_presets())})")
 
 
@@ -483,7 +501,7 @@ def _load_raw(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
         raise ConfigError(f"extends: circular chain {' -> '.join(str(p) for p in (*seen, path))}")
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ConfigError(f"config: {path} is not valid JSON: {exc}") from exc
     if not isinstance(data, dict):
         raise ConfigError(f"config: {path} must hold a JSON object, got {type(data).__name__}")
@@ -550,8 +568,5 @@ def load_config(name_or_path: str | os.PathLike[str], overrides: list[str] | Non
 
 
 def save_config(config: Config, path: str | os.PathLike[str]) -> None:
-    """Write the resolved config as JSON (atomically: temporary file + rename)."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(config.to_dict(), indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    """Write the resolved config as JSON (atomically: igsp.checkpoint.atomic_write_json)."""
+    atomic_write_json(path, config.to_dict(), indent=2)

@@ -72,6 +72,7 @@ import igsp_kernels
 from igsp.adapters import adapter_layers, inject
 from igsp.checkpoint import (
     CHECKPOINT_FORMAT,
+    KILL_EXIT_CODE,
     adapter_state_dict,
     atomic_save,
     atomic_write_json,
@@ -80,16 +81,20 @@ from igsp.checkpoint import (
     load_adapter_state_dict,
     load_checkpoint,
     load_usage_state,
+    restoring_from,
     usage_state,
 )
 from igsp.config import Config, ConfigError
 from igsp.data import TaskDataset, TaskStreamConfig, build_task_stream
 from igsp.data.augment import seeded_batches
+from igsp.data.images import verify_stream_images
 from igsp.data.stream import stream_task_names as data_stream_task_names
+from igsp.health import NonFiniteError, add_context, check_params, check_step, trainable_tensors
 from igsp.method.pruning import expert_grad_norms
 from igsp.methods import Method, PlanLayer, get_method
 from igsp.metrics import added_params, mtil_metrics, parameter_report, trainable_adapter_params
 from igsp.model import create_clip
+from igsp.runlock import RunLock, claim_run_dir, probe_run_dir
 from igsp.selector import TaskSelector
 
 __all__ = ["KILL_ENV", "KILL_EXIT_CODE", "DistContext", "StepBatchSampler", "Trainer", "lr_at", "method_state",
@@ -98,7 +103,6 @@ __all__ = ["KILL_ENV", "KILL_EXIT_CODE", "DistContext", "StepBatchSampler", "Tra
 logger = logging.getLogger(__name__)
 
 KILL_ENV = "IGSP_TEST_KILL_AT_STEP"
-KILL_EXIT_CODE = 75
 # Prompts per encode_text call at evaluation: CIFAR100 x 18 templates is 1,800 prompts; chunks of 1,024 keep
 # the text tower's activations (77 tokens x width 512) around 0.3 GB in bf16.
 _TEXT_CHUNK = 1024
@@ -265,6 +269,9 @@ class Trainer:
                 # Process-wide, on request: the tiny CPU model runs ~5x faster on 1 thread than on 2 busy cores
                 # (77 ms vs 840 ms a step measured with another job on the same 2-core machine).
                 torch.set_num_threads(cfg.train.cpu_threads)
+        target = resume if resume is not None else cfg.output_dir
+        if target is not None and not read_only:  # a busy or finished folder fails now, not after the set-up
+            probe_run_dir(target, resume=resume is not None, rank=self.dist.rank, world=self.dist.world)
         if cfg.train.precision == "bf16" or (cfg.train.precision == "auto" and self.device.type == "cuda"):
             self.autocast_dtype: torch.dtype | None = torch.bfloat16
         else:
@@ -304,12 +311,23 @@ class Trainer:
         self.train_images = 0
         self._token_cache: dict[tuple[str, str, str], tuple[torch.Tensor, int]] = {}
         self._kill_at = int(os.environ.get(KILL_ENV, "0") or 0)
+        self._lock: RunLock | None = None  # the run folder's lock (rank 0, while training: igsp.runlock)
 
         if resume is not None:
             self.run_dir = Path(resume)
-            ckpt = load_checkpoint(find_latest(self.run_dir))
-            self.log = _JsonlLog(self.run_dir / "log.jsonl" if self.dist.is_main and not read_only else None)
-            self._restore(ckpt)
+            if not read_only:
+                self._lock = claim_run_dir(self.run_dir, resume=True, rank=self.dist.rank, world=self.dist.world)
+            try:
+                latest = find_latest(self.run_dir)
+                ckpt = load_checkpoint(latest)
+                self.log = _JsonlLog(self.run_dir / "log.jsonl" if self.dist.is_main and not read_only else None)
+                with restoring_from(latest):
+                    self._restore(ckpt)
+            except BaseException:
+                if hasattr(self, "log"):
+                    self.log.close()
+                self._release_run_dir()
+                raise
         else:
             if read_only:
                 raise ValueError("read_only=True needs resume=RUN_DIR (there is nothing to evaluate otherwise)")
@@ -338,31 +356,28 @@ class Trainer:
         # MTIL: the validation preprocess evaluates (and feeds the selector); with data.augment the train splits
         # crop with open_clip's train preprocess (= the reference's), seeded per sample (igsp.data.augment).
         mtil = d.kind == "mtil"
-        return build_task_stream(scfg, transform=preprocess_val if mtil else None,
-                                 train_transform=preprocess_train if mtil and d.augment else None)
+        stream = build_task_stream(scfg, transform=preprocess_val if mtil else None,
+                                   train_transform=preprocess_train if mtil and d.augment else None)
+        return verify_stream_images(stream, skip_bad=d.skip_bad_images)
 
     def _make_run_dir(self) -> Path:
         cfg = self.config
-        if self.dist.is_main:
-            if cfg.output_dir:
-                path = Path(cfg.output_dir)
-            else:
-                path = Path("runs") / f"{cfg.name}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
-            if (path / "checkpoints" / "latest.pt").exists() or (path / "results.json").exists():
-                raise FileExistsError(f"output directory {str(path)!r} already holds a run; continue it with "
-                                      f"`igsp train --resume {path}` or choose another --output")
-            path.mkdir(parents=True, exist_ok=True)
-            (path / "log.jsonl").write_text("", encoding="utf-8")
-            box = [str(path)]
-        else:
-            box = [None]
-        if self.dist.enabled:
+        box = [cfg.output_dir or str(Path("runs") / f"{cfg.name}-{datetime.now().strftime('%Y%m%d-%H%M%S')}")]
+        if self.dist.enabled:  # rank 0's name (its timestamp) for every rank
             dist.broadcast_object_list(box, src=0)
         path = Path(box[0])
+        # Locked before anything is written; refuses a folder holding a run (or a live one), cleans stale temps.
+        self._lock = claim_run_dir(path, resume=False, rank=self.dist.rank, world=self.dist.world)
         cfg.output_dir = str(path)
         if self.dist.is_main:
+            (path / "log.jsonl").write_text("", encoding="utf-8")
             atomic_write_json(path / "config.json", cfg.to_dict())
         return path
+
+    def _release_run_dir(self) -> None:
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
 
     # ----------------------------------------------------------------------------------------- helpers
     def _autocast(self) -> contextlib.AbstractContextManager:
@@ -473,9 +488,11 @@ class Trainer:
             return results
         finally:
             self.log.close()
+            self._release_run_dir()
 
     def close(self) -> None:
-        """Destroy the process group if this trainer created it (after fit; a no-op otherwise)."""
+        """Release the run folder and destroy the process group if this trainer created it (after fit)."""
+        self._release_run_dir()
         if self.dist.owns_group and dist.is_initialized():
             dist.destroy_process_group()
 
@@ -529,7 +546,13 @@ class Trainer:
             step = self.progress["step"] + 1
             phase = self.progress["phase"]
             log_now = step % cfg.train.log_every == 0 or step == total
-            stats = self._step(t, phase, step, images, labels, tokens, n_tpl, log_now)
+            try:
+                stats = self._step(t, phase, step, images, labels, tokens, n_tpl, log_now)
+            except Exception as exc:  # say where it happened (the type stays: the CLI maps it)
+                if not isinstance(exc, NonFiniteError):
+                    add_context(exc, f"while training task {t} ({self.task_names[t]}), step {step}, phase {phase}"
+                                f"; if values became NaN/inf the run diverged: lower train.lr")
+                raise
             now = time.time()
             # Training throughput end to end: data loading, the step, logging and periodic checkpoints.
             self.train_time += now - last
@@ -598,6 +621,9 @@ class Trainer:
                 torch.nn.utils.clip_grad_norm_(self._trainable(), cfg.grad_clip)
         opt.step()
         self.method.after_step(t, phase)
+        if log_now or self.device.type == "cpu":  # a host sync: free on the CPU, at logging steps elsewhere
+            check_step(loss, trainable_tensors(self.model), task=t, task_name=self.task_names[t], step=step,
+                       phase=phase, lr=lr)
         if not log_now:
             return {}
         ce_d = ce.detach().reshape(1).clone()
@@ -613,6 +639,10 @@ class Trainer:
     def _end_phase(self, t: int, phase: int, step: int) -> None:
         """The method ended `phase` at `step`: its end_phase hook, then the next phase with a fresh optimizer."""
         cfg = self.config
+        # The method's end_phase may take SVDs (igsp pruning with rank_energy); off the CPU this step was not
+        # necessarily checked (igsp/health.py).
+        check_params(trainable_tensors(self.model),
+                     where=f"end of phase {phase} of task {t} ({self.task_names[t]}), step {step}")
         self.method.end_phase(t, phase, step)
         nxt = phase + 1
         self.progress.update(phase=nxt)
@@ -837,7 +867,12 @@ class Trainer:
     def _save(self, tag: str | None, wall_time: float | None = None) -> None:
         """latest.pt, plus task{i}_{tag}.pt with checkpoint_keep='all' (rank 0; atomic)."""
         keep = self.config.train.checkpoint_keep
-        if keep == "none" or self.read_only or not self.dist.is_main:
+        if keep == "none" or self.read_only:
+            return
+        # Every rank checks (identical adapters: all stop together, none waits in a collective); one sync.
+        check_params(trainable_tensors(self.model),
+                     where=f"checkpoint at task {self.progress['task']}, step {self.progress['step']}")
+        if not self.dist.is_main:
             return
         state = self._state(wall_time)
         ckpt_dir = self.run_dir / "checkpoints"

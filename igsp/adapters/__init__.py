@@ -20,6 +20,7 @@ gating noise.
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
@@ -109,8 +110,10 @@ class AdapterConfig:
         if self.parallel_input == "residual" and "mlp_parallel" not in self.targets:
             raise bad("parallel_input", self.parallel_input, "'ln_2' unless targets holds 'mlp_parallel'")
         for name in ("scale", "noise_std", "noise_floor", "expert_dropout", "router_init_std"):
-            if isinstance(getattr(self, name), bool) or not isinstance(getattr(self, name), (int, float)):
-                raise bad(name, getattr(self, name), "a number")
+            value = getattr(self, name)
+            # Finite too: scale = NaN and noise_std = NaN were accepted (the latter silently ran as 0; issue 14).
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise bad(name, value, "a finite number")
         if self.noise_std < 0 or self.router_init_std < 0 or self.noise_floor < 0:
             raise bad("noise_std/noise_floor/router_init_std", (self.noise_std, self.noise_floor,
                                                                self.router_init_std), "numbers >= 0")

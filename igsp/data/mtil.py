@@ -43,6 +43,7 @@ from igsp.data.base import (
     random_split_indices,
     validate_split,
 )
+from igsp.data.images import BadImageError
 from igsp.data.mtil_prompts import ZSCL_TEMPLATES, zscl_classnames
 
 logger = logging.getLogger(__name__)
@@ -450,6 +451,9 @@ class MTILVisionDataset(Dataset):
                 f"MTIL dataset {self.name!r} ({spec.display_name}) is incomplete: {exc}. Expected layout under "
                 f"the data root:\n{spec.layout}\nHow to obtain it: {spec.obtain}"
             ) from exc
+        except (OSError, SyntaxError, ValueError) as exc:  # PIL decoding a corrupt or truncated file
+            where = self.paths[i] if self.paths is not None else f"item {self.indices[i]}"
+            raise BadImageError(f"MTIL dataset {self.name!r}: cannot read image {where}: {exc}") from exc
         if isinstance(image, Image.Image) and image.mode != "RGB":
             image = image.convert("RGB")
         return image, self.labels[i]

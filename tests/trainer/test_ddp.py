@@ -121,3 +121,19 @@ def test_task1_steps_from_a_common_checkpoint_match(tmp_path):
                                        rtol=1e-4, atol=1e-6, msg=name)
             torch.testing.assert_close(torch.tensor(x["grad_norms"][name]), torch.tensor(y["grad_norms"][name]),
                                        rtol=1e-3, atol=1e-7, msg=name)
+
+
+@pytest.mark.slow
+def test_ddp_run_into_a_locked_folder_stops_every_rank(tmp_path):
+    # Only rank 0 locks; it broadcasts the refusal, so rank 1 stops with the same error instead of waiting in a
+    # collective for a rank 0 that has gone (torchrun would otherwise only notice at its timeout).
+    from igsp.runlock import RunLock
+
+    run = tmp_path / "run"
+    with RunLock(run):  # this test process plays the live run holding the folder
+        proc = _torchrun("train", "tiny", "--output", str(run), *SETS)
+    assert proc.returncode != 0
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("igsp train")]
+    assert any(line.startswith("igsp train: error: cannot start a run in") and str(run) in line for line in lines)
+    assert any(line.startswith("igsp train (rank 1): error: cannot start a run in") for line in lines), lines
+    assert sorted(p.name for p in run.iterdir()) == ["run.lock"]  # nothing written

@@ -12,33 +12,17 @@ On CPU with fixed seeds and a step-indexed data order the result must match bit 
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
-from trainer_helpers import TINY_OVERRIDES, read_log
+from trainer_helpers import TINY_OVERRIDES, read_log, run_igsp, step_records
 
 from igsp.engine import KILL_ENV, KILL_EXIT_CODE
 
-REPO = Path(__file__).resolve().parents[2]
 ITERS = 24  # the tiny preset's steps per task
 
 
-def _igsp(*args: str, kill_at: int | None = None) -> subprocess.CompletedProcess:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    env.pop(KILL_ENV, None)
-    if kill_at is not None:
-        env[KILL_ENV] = str(kill_at)
-    return subprocess.run([sys.executable, "-m", "igsp", "-q", *args], cwd=REPO, env=env, capture_output=True,
-                          text=True, timeout=300)
-
-
-def _step_records(run_dir: Path) -> list[tuple]:
-    keep = ("task", "step", "phase", "loss", "ce", "reg", "lr", "grad_norm", "usage", "grad_norms")
-    return [tuple(repr(r.get(k)) for k in keep) for r in read_log(run_dir) if r["event"] == "step"]
+def _igsp(*args: str, kill_at: int | None = None):
+    return run_igsp(*args, hooks={KILL_ENV: str(kill_at)} if kill_at is not None else None)
 
 
 @pytest.mark.slow
@@ -69,5 +53,5 @@ def test_resume_after_kills_matches_the_uninterrupted_run(tiny_run, tmp_path):
     assert a.keys() == b.keys()
     assert all(torch.equal(a[k], b[k]) for k in a)
     # The log was truncated at each checkpoint: one record per logged step, identical to the reference.
-    assert _step_records(run) == _step_records(ref_dir)
+    assert step_records(run) == step_records(ref_dir)
     assert sum(r["event"] == "resume" for r in read_log(run)) == 3

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
+import subprocess
 import sys
 from pathlib import Path
 from types import ModuleType
@@ -27,6 +29,24 @@ def run_tiny(output: Path, overrides: list[str] | None = None) -> dict:
         return trainer.fit()
     finally:
         trainer.close()
+
+
+def run_igsp(*args: str, hooks: dict[str, str] | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
+    """`python -m igsp -q ARGS` in a subprocess (offline), with exactly the test hooks in `hooks` set
+    (e.g. {KILL_ENV: "9"}): hooks inherited from the test's own environment are cleared."""
+    from igsp.checkpoint import KILL_IN_WRITE_ENV
+    from igsp.engine import KILL_ENV
+
+    env = {k: v for k, v in os.environ.items() if k not in (KILL_ENV, KILL_IN_WRITE_ENV)}
+    env.update({"HF_HUB_OFFLINE": "1", **(hooks or {})})
+    return subprocess.run([sys.executable, "-m", "igsp", "-q", *args], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def step_records(run_dir: Path) -> list[tuple]:
+    """The run's step log records (the fields a bit-identical resume must reproduce), as comparable tuples."""
+    keep = ("task", "step", "phase", "loss", "ce", "reg", "lr", "grad_norm", "usage", "grad_norms")
+    return [tuple(repr(r.get(k)) for k in keep) for r in read_log(run_dir) if r["event"] == "step"]
 
 
 def read_log(run_dir: Path) -> list[dict]:
