@@ -12,10 +12,9 @@ import json
 
 import pytest
 import torch
-from test_resume import _igsp, _step_records
-from trainer_helpers import TINY_OVERRIDES, run_tiny
+from trainer_helpers import TINY_OVERRIDES, read_log, run_igsp, run_tiny, step_records
 
-from igsp.engine import KILL_EXIT_CODE
+from igsp.engine import KILL_ENV, KILL_EXIT_CODE
 
 AUGMENTED = ["data.augment=true", "data.num_tasks=2"]
 
@@ -26,15 +25,15 @@ def test_resume_with_augmentation_matches_the_uninterrupted_run(tmp_path):
     ref = run_tiny(ref_dir, AUGMENTED)
     run = tmp_path / "killed"
     sets = [a for o in (*TINY_OVERRIDES, *AUGMENTED) for a in ("--set", o)]
-    first = _igsp("train", "tiny", "--output", str(run), *sets, kill_at=9)
+    first = run_igsp("train", "tiny", "--output", str(run), *sets, hooks={KILL_ENV: "9"})
     assert first.returncode == KILL_EXIT_CODE, first.stderr[-2000:]
-    last = _igsp("train", "--resume", str(run))
+    last = run_igsp("train", "--resume", str(run))
     assert last.returncode == 0, last.stderr[-2000:]
 
     res = json.loads((run / "results.json").read_text())
     assert json.loads((run / "config.json").read_text())["data"]["augment"] is True
     assert res["acc"] == ref["acc"]
-    assert _step_records(run) == _step_records(ref_dir)
+    assert step_records(run) == step_records(ref_dir)
     a = torch.load(run / "checkpoints" / "latest.pt", weights_only=True)["adapters"]
     b = torch.load(ref_dir / "checkpoints" / "latest.pt", weights_only=True)["adapters"]
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
@@ -46,12 +45,8 @@ def test_augmentation_changes_what_is_trained(tmp_path):
              "method.check_every=2", "train.checkpoint_keep=none"]
     plain = run_tiny(tmp_path / "plain", short)
     aug = run_tiny(tmp_path / "aug", [*short, "data.augment=true"])
-    losses = [[r["loss"] for r in _log(tmp_path / d)] for d in ("plain", "aug")]
+    losses = [[r["loss"] for r in read_log(tmp_path / d) if r["event"] == "step"] for d in ("plain", "aug")]
     assert losses[0][0] != losses[1][0] and plain["tasks"] == aug["tasks"]
-
-
-def _log(run_dir):
-    return [json.loads(x) for x in (run_dir / "log.jsonl").read_text().splitlines() if '"event": "step"' in x]
 
 
 def test_mtil_augmentation_through_dataloader_workers(tmp_path):
