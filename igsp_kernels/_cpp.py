@@ -157,7 +157,9 @@ class _SubspacePenalty(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad_out: torch.Tensor) -> tuple:
         grads = ctx.saved_tensors
-        unit = bool(grad_out == 1)  # the usual loss.backward(): skip the multiply (a CPU scalar, no device sync)
+        # The usual loss.backward(): skip the multiply (a CPU scalar, no device sync). Not while torch.compile
+        # traces the backward: there the value is unknown and the multiply is free.
+        unit = not torch.compiler.is_compiling() and bool(grad_out == 1)
         out = [
             (g if unit else g * grad_out).to(dtype) if ctx.needs_input_grad[2 + i] else None
             for i, (g, dtype) in enumerate(zip(grads, ctx.dtypes))
