@@ -41,3 +41,19 @@ def injected_mlp(seed: int = 0, **options) -> MLP:
             layer.B_train.normal_(std=0.3)
             layer.routers["0"].weight.normal_()
     return net
+
+
+def tiny_vit(depth: int = 2, **options) -> nn.Module:
+    """timm's ViT-tiny at 32 px (16 tokens + class token), `depth` blocks (12 in the real one; every block is the
+    same code, so 2 show what 12 do at a sixth of the tracing time), every attention and MLP linear injected."""
+    import timm
+
+    torch.manual_seed(0)
+    vit = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, num_classes=10,
+                            depth=depth)
+    kw = dict(num_experts=4, rank=4, top_k=2)
+    kw.update(options)
+    ik.inject_moe_lora(vit, ["qkv", "attn.proj", "fc1", "fc2"], **kw)
+    ik.add_router(vit, 0)
+    ik.set_task(vit, 0)
+    return vit
