@@ -35,6 +35,7 @@ no host sync in forward.
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import math
@@ -46,19 +47,19 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from igsp_kernels.backends import get_backend
+from igsp_kernels.backends import OpRequest, select_backend
+from igsp_kernels.config import MoELoRAConfig, check_layer_options
 from igsp_kernels.functional import (
     _FLOAT_DTYPES,
     _INDEX_DTYPES,
     Activation,
     BackendName,
     _check_index_range,
-    _check_number,
     _check_tensor,
     moe_lora,
     route_topk,
 )
-from igsp_kernels.reference.moe_lora import ACTIVATIONS, moe_lora_ref
+from igsp_kernels.reference.moe_lora import moe_lora_ref
 from igsp_kernels.reference.routing import expand_sample_routing
 
 __all__ = [
@@ -230,32 +231,16 @@ class MoELoRALinear(nn.Module):
         device: torch.device | str | None = None,
     ) -> None:
         super().__init__()
-        for name, value in (("in_features", in_features), ("out_features", out_features), ("rank", rank),
-                            ("top_k", top_k)):
+        for name, value in (("in_features", in_features), ("out_features", out_features)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be an int >= 1, got {value!r}")
-        if isinstance(num_experts, bool) or not isinstance(num_experts, int) or num_experts < 0:
-            raise ValueError(f"num_experts must be an int >= 0, got {num_experts!r}")
-        if activation not in ACTIVATIONS:
-            raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
-        if routing not in ("sample", "token"):
-            raise ValueError(f"routing must be 'sample' or 'token', got {routing!r}")
-        if route_token not in ("first", "mean"):
-            raise ValueError(f"route_token must be 'first' or 'mean', got {route_token!r}")
-        scale = _check_number("scale", scale)
-        noise_std = _check_number("noise_std", noise_std, low=0.0, what="a finite float >= 0")
-        noise_floor = _check_number("noise_floor", noise_floor, low=0.0, what="a finite float >= 0")
-        router_init_std = _check_number("router_init_std", router_init_std, low=0.0, what="a finite float >= 0")
-        if backend != "auto":
-            get_backend(backend)  # ValueError naming the known backends, at construction, not at the first forward
-        if noise not in ("fixed", "learned"):
-            raise ValueError(f"noise must be 'fixed' (noise_std) or 'learned' (noisy top-k gating), got {noise!r}")
-        if noise == "learned" and noise_std:
-            raise ValueError("noise='learned' learns the noise std per router: noise_std must be 0, "
-                             f"got {noise_std!r}")
-        if isinstance(expert_dropout, bool) or not isinstance(expert_dropout, (int, float)) \
-                or not 0.0 <= expert_dropout < 1.0:
-            raise ValueError(f"expert_dropout must lie in [0, 1), got {expert_dropout!r}")
+        opts = check_layer_options(
+            num_experts=num_experts, rank=rank, top_k=top_k, scale=scale, activation=activation,
+            expert_bias=expert_bias, routing=routing, route_token=route_token, batch_first=batch_first,
+            noise_std=noise_std, noise=noise, noise_floor=noise_floor, expert_dropout=expert_dropout,
+            router_init_std=router_init_std, backend=backend)
+        scale, noise_std, noise_floor = opts["scale"], opts["noise_std"], opts["noise_floor"]
+        expert_dropout, router_init_std = opts["expert_dropout"], opts["router_init_std"]
         if base is not None:
             if not isinstance(base, nn.Linear):
                 raise TypeError(f"base must be an nn.Linear, got {type(base).__name__}")
@@ -348,6 +333,12 @@ class MoELoRALinear(nn.Module):
     @property
     def bias(self) -> torch.Tensor | None:
         return None if self.base_layer is None else self.base_layer.bias
+
+    def resolved_backend(self, dtype: torch.dtype | None = None) -> str:
+        """The backend the expert op dispatches to on this layer's device for inputs of `dtype` (default: the
+        layer's). Training forwards with expert_dropout > 0 run the reference instead (see the module docs)."""
+        request = OpRequest("moe_lora", self.device, dtype or self.dtype, self.activation)
+        return select_backend(request, self.backend).name
 
     @property
     def num_frozen(self) -> int:
@@ -758,15 +749,8 @@ class MoELoRALinear(nn.Module):
             db = self.scale * (torch.einsum("e,er,ero->o", w, ba, B64) + w @ bb)
         return dW, db
 
-    @torch.no_grad()
-    def merge(self, task: str | int | None = None) -> None:
-        """Fold task `task`'s experts (default: the active task) into the base weight, W0 += s sum_e w_e (A_e B_e)^T.
-
-        Exact only where routing is fixed: one active expert in the task's router, or top_k equal to the active
-        experts with identical router rows (uniform weights); otherwise a ValueError says why. Needs a base layer
-        and activation "identity" (a ReLU expert is not linear). Until `unmerge`, forward runs the merged base layer
-        alone and the pool and task cannot change. Training and noise are irrelevant: merged means inference.
-        """
+    def _merge_plan(self, task: str | int | None) -> tuple[str, torch.Tensor, torch.Tensor | None]:
+        """Every check of `merge` without changing anything: (task key, weight delta, bias delta or None)."""
         self._check_unmerged("merge")
         if self.base_layer is None:
             raise ValueError("merge: this MoELoRALinear has no base layer (a parallel adapter): nothing to merge into")
@@ -778,9 +762,21 @@ class MoELoRALinear(nn.Module):
             raise ValueError(f"merge: name a task with a router (routers: {self.task_names}), got {task!r}"
                              + (" and no task is active" if task is None else ""))
         dW, db = self._delta(key)
-        base = self.base_layer
-        if db is not None and base.bias is None:
+        if db is not None and self.base_layer.bias is None:
             raise ValueError("merge: the experts have output biases but the base layer has no bias to fold them into")
+        return key, dW, db
+
+    @torch.no_grad()
+    def merge(self, task: str | int | None = None) -> None:
+        """Fold task `task`'s experts (default: the active task) into the base weight, W0 += s sum_e w_e (A_e B_e)^T.
+
+        Exact only where routing is fixed: one active expert in the task's router, or top_k equal to the active
+        experts with identical router rows (uniform weights); otherwise a ValueError says why. Needs a base layer
+        and activation "identity" (a ReLU expert is not linear). Until `unmerge`, forward runs the merged base layer
+        alone and the pool and task cannot change. Training and noise are irrelevant: merged means inference.
+        """
+        key, dW, db = self._merge_plan(task)
+        base = self.base_layer
         base.weight.add_(dW.to(base.weight.dtype))
         if db is not None:
             base.bias.add_(db.to(base.bias.dtype))
@@ -927,6 +923,121 @@ class MoELoRALinear(nn.Module):
         return f"learned (floor {self.noise_floor})" if self.noise == "learned" else str(self.noise_std)
 
 
+# --------------------------------------------------------------------------------------- wrappers for injection
+class AdaptedMultiheadAttention(nn.Module):
+    """`nn.MultiheadAttention`'s forward with a callable (adapted) out-projection.
+
+    nn.MultiheadAttention never calls `out_proj`: `F.multi_head_attention_forward` reads `out_proj.weight`
+    directly, so a wrapped `out_proj` alone would be silently dead. This module computes the same thing
+    (in-projection, scaled dot-product attention, out-projection) and *calls* `out_proj`. Same arguments and
+    result as `nn.MultiheadAttention.forward` for self- and cross-attention with a shared embedding size;
+    `need_weights=True` is refused (the fused attention never forms the weights).
+    """
+
+    # nn.TransformerEncoderLayer's fast-path check reads this attribute of its self_attn.
+    _qkv_same_embed_dim = True
+
+    def __init__(self, mha: nn.MultiheadAttention, out_proj: nn.Module) -> None:
+        super().__init__()
+        if not mha._qkv_same_embed_dim or mha.in_proj_weight is None:
+            raise ValueError("AdaptedMultiheadAttention needs an nn.MultiheadAttention with a packed in_proj_weight")
+        if mha.bias_k is not None or mha.add_zero_attn:
+            raise ValueError("AdaptedMultiheadAttention does not support add_bias_kv or add_zero_attn")
+        self.embed_dim = mha.embed_dim
+        self.num_heads = mha.num_heads
+        self.head_dim = mha.embed_dim // mha.num_heads
+        self.batch_first = mha.batch_first
+        self.dropout = mha.dropout
+        self.in_proj_weight = mha.in_proj_weight
+        self.in_proj_bias = mha.in_proj_bias
+        self.out_proj = out_proj
+
+    def forward(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        key_padding_mask: torch.Tensor | None = None,
+        need_weights: bool = True,
+        attn_mask: torch.Tensor | None = None,
+        average_attn_weights: bool = True,
+        is_causal: bool = False,
+    ) -> tuple[torch.Tensor, None]:
+        if need_weights:
+            raise ValueError("AdaptedMultiheadAttention computes no attention weights: "
+                             "call it with need_weights=False")
+        if not self.batch_first:
+            query, key, value = (t.transpose(0, 1) for t in (query, key, value))
+        Bn, L, d = query.shape
+        S = key.shape[1]
+        w_q, w_k, w_v = self.in_proj_weight.chunk(3)
+        b_q, b_k, b_v = self.in_proj_bias.chunk(3) if self.in_proj_bias is not None else (None, None, None)
+        q = F.linear(query, w_q, b_q)
+        k = F.linear(key, w_k, b_k)
+        v = F.linear(value, w_v, b_v)
+        h, dh = self.num_heads, self.head_dim
+        q, k, v = (t.reshape(Bn, -1, h, dh).transpose(1, 2) for t in (q, k, v))
+        mask = None
+        if attn_mask is not None:
+            # MHA: a bool True means "may not attend"; SDPA: True means "may attend". Float masks are additive.
+            mask = ~attn_mask if attn_mask.dtype == torch.bool else attn_mask.to(q.dtype)
+            if mask.dim() == 3:  # (B * h, L, S)
+                mask = mask.reshape(Bn, h, L, S)
+        if key_padding_mask is not None:
+            kpm = key_padding_mask.reshape(Bn, 1, 1, S)
+            kpm = ~kpm if kpm.dtype == torch.bool else kpm.to(q.dtype)
+            if mask is None:
+                mask = kpm
+            elif mask.dtype == torch.bool and kpm.dtype == torch.bool:
+                mask = mask & kpm
+            else:
+                mask = _additive(mask, q.dtype) + _additive(kpm, q.dtype)
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0,
+            is_causal=is_causal and mask is None,
+        )
+        out = self.out_proj(out.transpose(1, 2).reshape(Bn, L, d))
+        if not self.batch_first:
+            out = out.transpose(0, 1)
+        return out, None
+
+
+def _additive(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """An SDPA mask as an additive float mask (a bool True means "may attend")."""
+    if mask.dtype != torch.bool:
+        return mask
+    return torch.zeros_like(mask, dtype=dtype).masked_fill(~mask, float("-inf"))
+
+
+class ModulesToSaveWrapper(nn.Module):
+    """PEFT's `modules_to_save`: a trainable copy of a module (a classifier head, say) next to the frozen original.
+
+    forward runs the copy, or the original inside `disable_adapters`; attribute reads (`head.weight`) reach the
+    module in use. `save_adapters` stores the copy. State keys: `original_module.*` and `modules_to_save.*`.
+    """
+
+    def __init__(self, module: nn.Module) -> None:
+        super().__init__()
+        self.original_module = module.requires_grad_(False)
+        self.modules_to_save = copy.deepcopy(module).requires_grad_(True)
+        self._disabled = False
+        self.train(module.training)
+
+    @property
+    def active_module(self) -> nn.Module:
+        return self.original_module if self._disabled else self.modules_to_save
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.active_module(*args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            modules = self.__dict__["_modules"]
+            return getattr(modules["original_module" if self.__dict__.get("_disabled") else "modules_to_save"], name)
+
+
 # ------------------------------------------------------------------------------------------------ injection
 def _matches(name: str, target_modules: str | Sequence[str]) -> bool:
     if isinstance(target_modules, str):
@@ -934,46 +1045,135 @@ def _matches(name: str, target_modules: str | Sequence[str]) -> bool:
     return any(name == t or name.endswith("." + t) for t in target_modules)
 
 
+def _wrap(model: nn.Module, name: str, layer_kwargs: dict[str, Any]) -> MoELoRALinear:
+    """Replace the nn.Linear called `name` by a MoELoRALinear around it; an nn.MultiheadAttention's out_proj (never
+    called by its parent) is wrapped together with its attention by `AdaptedMultiheadAttention`."""
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    linear = getattr(parent, child)
+    layer = MoELoRALinear.from_linear(linear, **layer_kwargs).train(linear.training)  # the model's mode
+    if isinstance(parent, nn.MultiheadAttention) and child == "out_proj":
+        try:
+            adapted = AdaptedMultiheadAttention(parent, layer).train(parent.training)
+        except ValueError as exc:
+            raise ValueError(f"{name}: nn.MultiheadAttention reads out_proj.weight directly, so an adapter there "
+                             f"needs AdaptedMultiheadAttention, which refuses this one ({exc}); target another "
+                             "module") from None
+        grand_name, _, attr = parent_name.rpartition(".")
+        grand = model.get_submodule(grand_name) if grand_name else model
+        if not parent_name:
+            raise ValueError(f"{name}: the model itself is an nn.MultiheadAttention; wrap it yourself with "
+                             "igsp_kernels.AdaptedMultiheadAttention(mha, MoELoRALinear.from_linear(mha.out_proj))")
+        setattr(grand, attr, adapted)
+    else:
+        setattr(parent, child, layer)
+    return layer
+
+
+def _disable_fast_paths(model: nn.Module, wrapped: Sequence[str]) -> None:
+    """Turn off torch's fused Transformer fast path above every wrapped layer.
+
+    In eval mode nn.TransformerEncoderLayer (and nn.TransformerEncoder's nested-tensor path) may call
+    `torch._transformer_encoder_layer_fwd` with `linear1.weight`, `self_attn.out_proj.weight`, ... read directly:
+    every adapter below would be skipped, silently. Per instance, not process-wide (torch.backends.mha
+    .set_fastpath_enabled would slow every other model): the layer's `activation_relu_or_gelu` flag is only read
+    by that fast path, and the encoder's `use_nested_tensor` only gates its nested-tensor conversion.
+    """
+    layers = encoders = 0
+    for name, module in model.named_modules():
+        above = any(w == name or w.startswith(name + ".") for w in wrapped) if name else bool(wrapped)
+        if not above:
+            continue
+        if isinstance(module, nn.TransformerEncoderLayer) and module.activation_relu_or_gelu:
+            module.activation_relu_or_gelu = 0
+            layers += 1
+        elif isinstance(module, nn.TransformerEncoder) and getattr(module, "use_nested_tensor", False):
+            module.use_nested_tensor = False
+            encoders += 1
+    if layers or encoders:
+        logger.info("disabled torch's Transformer fast path of %d nn.TransformerEncoderLayer and %d "
+                    "nn.TransformerEncoder modules: it reads the weights directly and would bypass the adapters",
+                    layers, encoders)
+
+
 def inject_moe_lora(
     model: nn.Module,
-    target_modules: str | Sequence[str],
+    target_modules: str | Sequence[str] | MoELoRAConfig,
     *,
-    freeze_base_model: bool = True,
+    freeze_base_model: bool | None = None,
     **expert_options: Any,
 ) -> list[str]:
-    """Replace every `nn.Linear` of `model` matched by `target_modules` with a `MoELoRALinear` wrapping it.
+    """Replace every `nn.Linear` of `model` matched by the targets with a `MoELoRALinear` wrapping it.
+
+    Two forms: `inject_moe_lora(model, MoELoRAConfig(...))` (PEFT's `get_peft_model`: the config names the
+    targets, the layer options, `modules_to_save`, and a `task` whose router is created and made active), or
+    `inject_moe_lora(model, ["fc1", "fc2"], num_experts=4, ...)` with `MoELoRALinear` keyword arguments (no
+    router is created).
 
     Args:
         model: any torch model (modified in place).
-        target_modules: a regex (full match against the qualified module name) or a list of name suffixes
-            (`"fc1"` matches `"encoder.0.fc1"`).
-        freeze_base_model: freeze every parameter that is not an adapter parameter (the usual PEFT setup).
+        target_modules: a regex (full match against the qualified module name), a list of name suffixes
+            (`"fc1"` matches `"encoder.0.fc1"`), or a `MoELoRAConfig`.
+        freeze_base_model: freeze every parameter that is not an adapter parameter (the usual PEFT setup);
+            default True (the config form takes it from the config).
         expert_options: keyword arguments of `MoELoRALinear` (num_experts, rank, top_k, scale, routing, ...).
     Returns:
-        The qualified names of the wrapped modules, in `named_modules()` order.
+        The qualified names of the wrapped linears, in `named_modules()` order.
+
+    An nn.MultiheadAttention's `out_proj` is wrapped together with its attention (`AdaptedMultiheadAttention`),
+    since nn.MultiheadAttention never calls it; torch's Transformer fast path is turned off above every wrapped
+    layer (it would bypass them in eval mode).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-    if not isinstance(target_modules, str) and (
-        not isinstance(target_modules, Sequence) or not all(isinstance(t, str) for t in target_modules)
-    ):
-        raise TypeError(f"target_modules must be a regex string or a list of name suffixes, got {target_modules!r}")
-    if freeze_base_model:
-        model.requires_grad_(False)
-    targets = [(n, m) for n, m in model.named_modules() if n and _matches(n, target_modules)]
-    targets = [(n, m) for n, m in targets if not isinstance(m, MoELoRALinear)]
-    wrong = [f"{n} ({type(m).__name__})" for n, m in targets if not isinstance(m, nn.Linear)]
+    if isinstance(target_modules, MoELoRAConfig):
+        config = target_modules
+        extra = sorted(expert_options) + (["freeze_base_model"] if freeze_base_model is not None else [])
+        if extra:
+            raise TypeError(f"inject_moe_lora(model, config) takes its options from the config; got also {extra}")
+        targets, freeze = config.target_modules, config.freeze_base_model
+        layer_kwargs = config.layer_kwargs()
+    else:
+        config, targets, freeze, layer_kwargs = None, target_modules, freeze_base_model, expert_options
+        if not isinstance(targets, str) and (
+            not isinstance(targets, Sequence) or not all(isinstance(t, str) for t in targets)
+        ):
+            raise TypeError("target_modules must be a regex string, a list of name suffixes or a MoELoRAConfig, "
+                            f"got {targets!r}")
+    found = [(n, m) for n, m in model.named_modules() if n and _matches(n, targets)]
+    found = [(n, m) for n, m in found if not isinstance(m, (MoELoRALinear, AdaptedMultiheadAttention))]
+    wrong = [f"{n} ({type(m).__name__})" for n, m in found if not isinstance(m, nn.Linear)]
     if wrong:
-        raise ValueError(f"target_modules={target_modules!r} matched modules that are not nn.Linear: {wrong}")
-    if not targets:
+        hint = ("; for an nn.MultiheadAttention target its out_proj (wrapped together with the attention)"
+                if any(isinstance(m, nn.MultiheadAttention) for _, m in found) else "")
+        raise ValueError(f"target_modules={targets!r} matched modules that are not nn.Linear: {wrong}{hint}")
+    if not found:
         sample = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)][:8]
-        raise ValueError(f"target_modules={target_modules!r} matched no module; nn.Linear names include {sample}")
-    for name, linear in targets:
+        raise ValueError(f"target_modules={targets!r} matched no module; nn.Linear names include {sample}")
+    to_save = []
+    if config is not None and config.modules_to_save:
+        to_save = [(n, m) for n, m in model.named_modules()
+                   if n and any(n == t or n.endswith("." + t) for t in config.modules_to_save)]
+        missing = [t for t in config.modules_to_save if not any(n == t or n.endswith("." + t) for n, _ in to_save)]
+        if missing:
+            raise ValueError(f"modules_to_save names {missing}, which match no module of the model")
+        both = sorted({n for n, _ in to_save} & {n for n, _ in found})
+        if both:
+            raise ValueError(f"{both} are both adapter targets and modules_to_save: choose one")
+    if freeze is None or freeze:
+        model.requires_grad_(False)
+    names = [n for n, _ in found]
+    for name in names:
+        _wrap(model, name, layer_kwargs)
+    for name, module in to_save:
         parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, MoELoRALinear.from_linear(linear, **expert_options))
-    logger.info("wrapped %d linear layers with MoELoRALinear", len(targets))
-    return [n for n, _ in targets]
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, ModulesToSaveWrapper(module))
+    _disable_fast_paths(model, names)
+    if config is not None and config.task is not None:
+        add_router(model, config.task)
+        set_task(model, config.task)
+    logger.info("wrapped %d linear layers with MoELoRALinear", len(names))
+    return names
 
 
 def moe_lora_layers(model: nn.Module) -> Iterator[tuple[str, MoELoRALinear]]:

@@ -414,7 +414,7 @@ def test_learned_noise_follows_expert_reindexing_and_sample_tasks():
 @pytest.mark.parametrize("kwargs,pattern", [
     (dict(noise="gumbel"), r"noise must be 'fixed' \(noise_std\) or 'learned' \(noisy top-k gating\), got 'gumbel'"),
     (dict(noise="learned", noise_std=0.1), r"noise='learned' learns the noise std per router: noise_std must be 0"),
-    (dict(expert_dropout=1.0), r"expert_dropout must lie in \[0, 1\), got 1.0"),
+    (dict(expert_dropout=1.0), r"expert_dropout must be a float in \[0, 1\), got 1.0"),
     (dict(noise_floor=-1.0), r"noise_floor must be a finite float >= 0, got -1.0"),
 ])
 def test_gating_options_are_validated(kwargs, pattern):
