@@ -78,9 +78,8 @@ def get_extensions() -> tuple[list, dict]:
     try:
         from torch.utils.cpp_extension import BuildExtension, CppExtension
     except Exception as exc:  # torch missing from the build environment
-        return _skip("skipped", f"torch was not importable at build time ({type(exc).__name__}: {exc}; pip's "
-                                "isolated build has no torch: install torch, then `pip install "
-                                "--no-build-isolation .`)")
+        return _skip("skipped", f"torch was not importable at build time ({type(exc).__name__}: {exc}): pip's "
+                                "isolated build environment has no torch")
     sources = sorted(
         os.path.relpath(os.path.join(dirpath, f), ROOT)
         for dirpath, _, files in os.walk(sources_dir)

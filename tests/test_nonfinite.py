@@ -122,3 +122,21 @@ def test_subspace_basis_refuses_non_finite_input_eager_and_compiled(value):
 def test_subspace_penalty_needs_a_finite_non_negative_lam(lam, exc):
     with pytest.raises(exc, match=r"lam must be a finite float >= 0 \(a negative weight rewards leaving"):
         ik.subspace_penalty([torch.randn(5, 3)], [torch.zeros(5, 0)], lam)
+
+
+@pytest.mark.gpu
+def test_route_topk_on_cuda_refuses_non_finite_logits_by_a_device_assert():
+    # The check must not sync with the host, so it is an async device assert: fatal to the CUDA context, hence a
+    # subprocess. Its message reaches stderr through CUDA's "device-side assert triggered".
+    import subprocess
+    import sys
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    code = ("import torch, igsp_kernels as ik\n"
+            "z = torch.randn(3, 4, device='cuda'); z[0, 0] = float('nan')\n"
+            "ik.route_topk(z, 2)\n"
+            "torch.cuda.synchronize()\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    assert "device-side assert" in proc.stderr or "logits must be finite" in proc.stderr

@@ -142,3 +142,15 @@ def test_subspace_penalty_gradient_compiles():
     Mg.grad = None
     (ik.subspace_penalty([Mg], [U], 0.5) * 3.0).backward()
     torch.testing.assert_close(g, Mg.grad)
+
+
+def test_autocast_traces_in_one_graph():
+    net = injected_mlp().train()
+    x = torch.randn(2, 5, 16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert graphs_and_breaks(net, x) == (1, 0, [])
+        torch._dynamo.reset()
+        y = torch.compile(net, fullgraph=True, backend="aot_eager")(x)
+        want = net(x)
+    assert y.dtype == torch.bfloat16
+    torch.testing.assert_close(y, want)
