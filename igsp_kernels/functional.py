@@ -315,7 +315,8 @@ def subspace_basis(M: torch.Tensor, energy: float = 0.95, *, max_rank: int | Non
         raise ValueError(f"energy must be a float in (0, 1], got {energy!r}")
     if max_rank is not None and (isinstance(max_rank, bool) or not isinstance(max_rank, int) or max_rank < 0):
         raise ValueError(f"max_rank must be an int >= 0 or None, got {max_rank!r}")
-    return _subspace_basis_op(M, float(energy), -1 if max_rank is None else max_rank)
+    # detach: a basis is a constant of the method (the reference never differentiated through the SVD either)
+    return _subspace_basis_op(M.detach(), float(energy), -1 if max_rank is None else max_rank)
 
 
 def _check_basis_pairs(mats_name: str, mats: Sequence[torch.Tensor], bases: Sequence[torch.Tensor]) -> None:

@@ -134,6 +134,12 @@ def test_every_public_op_traces_fullgraph(name, fn):
     torch.testing.assert_close(got, want)
 
 
+def test_subspace_basis_op_is_a_constant_of_its_input():
+    # An opaque op now (for its dynamic output width); as before, the basis is never differentiated through.
+    U = ik.subspace_basis(torch.randn(6, 3, requires_grad=True))
+    assert not U.requires_grad and U.shape == (6, 3)
+
+
 def test_subspace_penalty_gradient_compiles():
     Mg = torch.randn(8, 5, requires_grad=True)
     fn = torch.compile(lambda m: ik.subspace_penalty([m], [U], 0.5) * 3.0, fullgraph=True, backend="aot_eager")
