@@ -1140,7 +1140,9 @@ def inject_moe_lora(
         ):
             raise TypeError("target_modules must be a regex string, a list of name suffixes or a MoELoRAConfig, "
                             f"got {targets!r}")
-    found = [(n, m) for n, m in model.named_modules() if n and _matches(n, targets)]
+    # Never inside an adapter already there (a regex like "fc.*" would match "fc1.base_layer" of a wrapped fc1).
+    inside = tuple(f"{n}." for n, m in model.named_modules() if isinstance(m, (MoELoRALinear, ModulesToSaveWrapper)))
+    found = [(n, m) for n, m in model.named_modules() if n and _matches(n, targets) and not n.startswith(inside)]
     found = [(n, m) for n, m in found if not isinstance(m, (MoELoRALinear, AdaptedMultiheadAttention))]
     wrong = [f"{n} ({type(m).__name__})" for n, m in found if not isinstance(m, nn.Linear)]
     if wrong:

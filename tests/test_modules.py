@@ -440,3 +440,12 @@ def test_expert_dropout_says_once_that_training_uses_the_reference(caplog):
         layer(expert_dropout=0.1)
     said = [r for r in caplog.records if "expert_dropout > 0" in r.getMessage()]
     assert len(said) == 1 and said[0].levelname == "INFO"
+
+
+def test_injecting_again_never_wraps_inside_an_adapter():
+    net = TinyNet()
+    ik.inject_moe_lora(net, r"encoder\.[02]", num_experts=1)
+    # the same regex now also matches nothing new: "encoder.0.base_layer" is inside an adapter
+    with pytest.raises(ValueError, match=r"matched no module"):
+        ik.inject_moe_lora(net, r"encoder\.[02].*", num_experts=1)
+    assert ik.inject_moe_lora(net, ["head"], num_experts=1) == ["head"]
