@@ -588,8 +588,8 @@ class MoELoRALinear(nn.Module):
         self._check_on("route")
         if self.num_experts == 0 or (self.active_task is None and self._sample_tasks is None):
             raise RuntimeError("route: this MoELoRALinear has nothing to route ("
-                               + ("it has no experts: add_experts" if self.num_experts == 0 else
-                                  "the adapters are off: set_task(None)") + ")")
+                               + ("it has no experts: call add_experts" if self.num_experts == 0 else
+                                  "its adapters were turned off by set_task(None): set a task") + ")")
         xr, _ = self._route_input(x)
         tasks = self._sample_tasks
         if tasks is not None:

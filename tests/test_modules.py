@@ -334,7 +334,8 @@ def test_route_without_a_task_says_what_to_call():
                                            r"call set_task\(task\)"):
         m.route(torch.randn(2, 10))
     m.set_task(None)
-    with pytest.raises(RuntimeError, match=r"nothing to route \(the adapters are off: set_task\(None\)\)"):
+    with pytest.raises(RuntimeError, match=r"nothing to route \(its adapters were turned off by set_task\(None\): "
+                                           r"set a task\)"):
         m.route(torch.randn(2, 10))
 
 

@@ -88,3 +88,17 @@ def test_targeting_the_attention_module_itself_names_the_fix():
     with pytest.raises(ValueError, match=r"matched modules that are not nn.Linear: .*for an nn.MultiheadAttention "
                                          r"target its out_proj"):
         ik.inject_moe_lora(enc, ["self_attn"])
+
+
+def test_save_and_load_adapters_rewrap_the_attention(tmp_path):
+    enc = encoder()
+    ik.inject_moe_lora(enc, ik.MoELoRAConfig(target_modules=["self_attn.out_proj", "linear2"], num_experts=2, rank=2))
+    make_live(enc)
+    x = torch.randn(2, 4, 16)
+    want = enc.eval()(x)
+    ik.save_adapters(enc, tmp_path)
+    fresh = encoder().eval()  # the same base (same seed), plain torch modules
+    names = ik.load_adapters(fresh, tmp_path)
+    assert "layers.0.self_attn.out_proj" in names
+    assert isinstance(fresh.layers[0].self_attn, ik.AdaptedMultiheadAttention)
+    torch.testing.assert_close(fresh(x), want)
