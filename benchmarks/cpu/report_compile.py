@@ -34,12 +34,6 @@ def render(data: dict) -> str:
     return "\n".join(out) + "\n"
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = sys.argv[1:] if argv is None else argv
-    path = Path(args[0] if args else "benchmarks/results/cpu_compile.json")
-    sys.stdout.write(render(json.loads(path.read_text(encoding="utf-8"))))
-    return 0
-
-
 if __name__ == "__main__":
-    raise SystemExit(main())
+    source = Path(sys.argv[1] if len(sys.argv) > 1 else "benchmarks/results/cpu_compile.json")
+    sys.stdout.write(render(json.loads(source.read_text(encoding="utf-8"))))
