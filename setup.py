@@ -1,16 +1,26 @@
 """Build script: the two Python packages, the `igsp` console script and the optional C++ CPU extension.
 
+Dependencies. `pip install .` installs the kernel layer's (torch, numpy): enough to embed `igsp_kernels`. Extras:
+`[train]` the trainer (open_clip, scikit-learn, ...), `[bench]` the benchmarks, `[gpu]` Triton and NVML on CUDA
+machines, `[dev]` the test suite (PEFT included, for the parity tests).
+
 The extension (csrc/) is optional at build time and at run time (STYLE rule 5): `get_extensions()` builds it
-where a C++ compiler works, `IGSP_KERNELS_BUILD_CPU=0` skips it, and the package falls back to the reference
-when it is absent.
+where torch is importable and a C++ compiler works; `IGSP_KERNELS_BUILD_CPU=0` skips it on purpose; the package
+then runs the reference on the CPU. It must be compiled against the torch it will run with, so torch is not a
+build requirement: pip's isolated build (the default of `pip install .`) has no torch and skips the extension,
+and `pip install --no-build-isolation .` (torch installed first) builds it. Why a build skipped it is written into
+the installed package (`igsp_kernels/_build_info.json`) and said once, at run time, when the CPU ops first look
+for the extension: a warning for an accident, an info line for IGSP_KERNELS_BUILD_CPU=0.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 
 from setuptools import find_packages, setup
+from setuptools.command.build_py import build_py
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
@@ -48,20 +58,28 @@ def _probe_cxx(flags: list[str]) -> str | None:
     return None
 
 
+# What this build did with the extension: written into the installed package by `_BuildPyWithInfo`.
+BUILD_INFO: dict[str, str] = {"cpp_extension": "built", "reason": ""}
+
+
+def _skip(status: str, reason: str) -> tuple[list, dict]:
+    BUILD_INFO.update(cpp_extension=status, reason=reason)
+    _log(f"{reason}: skipping the C++ CPU extension")
+    return [], {}
+
+
 def get_extensions() -> tuple[list, dict]:
     """Return (ext_modules, cmdclass) for the optional C++ CPU extension, saying why a part is skipped."""
     if os.environ.get("IGSP_KERNELS_BUILD_CPU", "1") == "0":
-        _log("IGSP_KERNELS_BUILD_CPU=0: skipping the C++ CPU extension")
-        return [], {}
+        return _skip("opted_out", "IGSP_KERNELS_BUILD_CPU=0 was set at build time")
     sources_dir = os.path.join(ROOT, "csrc", "cpu")
     if not os.path.isdir(sources_dir):
-        _log("csrc/cpu not found: skipping the C++ CPU extension")
-        return [], {}
+        return _skip("skipped", "csrc/cpu was not in the source tree")
     try:
         from torch.utils.cpp_extension import BuildExtension, CppExtension
     except Exception as exc:  # torch missing from the build environment
-        _log(f"torch is not importable at build time ({exc}): skipping the C++ CPU extension")
-        return [], {}
+        return _skip("skipped", f"torch was not importable at build time ({type(exc).__name__}: {exc}): pip's "
+                                "isolated build environment has no torch")
     sources = sorted(
         os.path.relpath(os.path.join(dirpath, f), ROOT)
         for dirpath, _, files in os.walk(sources_dir)
@@ -69,16 +87,14 @@ def get_extensions() -> tuple[list, dict]:
         if f.endswith(".cpp")
     )
     if not sources:
-        _log("csrc/cpu holds no .cpp files: skipping the C++ CPU extension")
-        return [], {}
+        return _skip("skipped", "csrc/cpu holds no .cpp files")
     # A missing compiler skips the extension (the package then runs the reference); a compiler without OpenMP
     # (Apple clang) still builds it, with at::parallel_for and the BLAS as the only parallelism.
     omp = ["-fopenmp"]
     why_not = _probe_cxx(omp)
     if why_not is not None:
         if _probe_cxx([]) is not None:
-            _log(f"{why_not}: skipping the C++ CPU extension")
-            return [], {}
+            return _skip("skipped", f"no working C++ compiler ({why_not}); set CXX")
         _log(f"OpenMP unavailable ({why_not}): building the C++ CPU extension without -fopenmp")
         omp = []
     ext = CppExtension(
@@ -93,7 +109,22 @@ def get_extensions() -> tuple[list, dict]:
     return [ext], {"build_ext": BuildExtension.with_options(no_python_abi_suffix=True)}
 
 
+class _BuildPyWithInfo(build_py):
+    """build_py that also writes igsp_kernels/_build_info.json (BUILD_INFO) into the build: the installed package
+    then knows why it has no extension. Not for editable installs (they build in place; nothing to copy)."""
+
+    def run(self) -> None:
+        super().run()
+        if getattr(self, "editable_mode", False):
+            return
+        target = os.path.join(self.build_lib, "igsp_kernels", "_build_info.json")
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        with open(target, "w", encoding="utf-8") as f:
+            json.dump(BUILD_INFO, f)
+
+
 ext_modules, cmdclass = get_extensions()
+cmdclass = {**cmdclass, "build_py": _BuildPyWithInfo}
 
 setup(
     name="igsp",
@@ -106,19 +137,22 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["igsp_kernels", "igsp_kernels.*", "igsp", "igsp.*"]),
     package_data={"igsp": ["configs/*.json", "model_configs/*.json"]},
+    # The kernel layer's needs only: embedders get torch and numpy, nothing of the trainer's.
     install_requires=[
         "torch>=2.4",
-        "triton>=3.0; platform_system == 'Linux'",
         "numpy>=1.24",
-        "open_clip_torch>=2.24",
-        "nvidia-ml-py>=12.0",
     ],
     extras_require={
-        "dev": ["pytest>=8", "pytest-benchmark>=4", "pytest-xdist>=3", "ruff>=0.5"],
-        "train": ["scikit-learn>=1.3", "matplotlib>=3.7", "tqdm>=4.60"],
-        "bench": ["pytest-benchmark>=4", "matplotlib>=3.7"],
+        # The trainer (`igsp train|eval|params|demo|report`); safetensors also serves save_adapters.
+        "train": ["open_clip_torch>=2.24", "scikit-learn>=1.3", "matplotlib>=3.7", "tqdm>=4.60", "safetensors>=0.4"],
+        "bench": ["pytest-benchmark>=4", "matplotlib>=3.7", "nvidia-ml-py>=12.0"],
+        # CUDA machines: the Triton kernels (torch's CUDA wheels usually bring triton already) and NVML readings.
+        "gpu": ["triton>=3.0; platform_system == 'Linux'", "nvidia-ml-py>=12.0"],
+        # The test suite: PEFT for the parity tests of docs/embedding.md (with transformers, ~30 s to install).
+        "dev": ["pytest>=8", "pytest-benchmark>=4", "pytest-xdist>=3", "ruff>=0.5", "peft>=0.10", "safetensors>=0.4",
+                "timm>=0.9"],
     },
-    entry_points={"console_scripts": ["igsp=igsp.cli:main"]},
+    entry_points={"console_scripts": ["igsp=igsp._entry:main"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
 )

@@ -50,6 +50,7 @@ import torch
 from torch import nn
 
 from igsp_kernels import MoELoRALinear
+from igsp_kernels.adapters import adapter_state_dict, load_adapter_state_dict  # one implementation, the kernel layer's
 
 __all__ = [
     "CHECKPOINT_FORMAT",
@@ -287,53 +288,6 @@ def find_latest(run_dir: str | os.PathLike[str]) -> Path:
 
 def _adapter_modules(model: nn.Module) -> list[tuple[str, MoELoRALinear]]:
     return [(n, m) for n, m in model.named_modules() if isinstance(m, MoELoRALinear)]
-
-
-def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Every MoE-LoRA layer's parameters and persistent buffers (experts, routers, masks), on the CPU.
-
-    The wrapped frozen linear (`base_layer`) is left out: only what training added or changed is stored.
-    """
-    out: dict[str, torch.Tensor] = {}
-    for name, layer in _adapter_modules(model):
-        prefix = f"{name}."
-        for key, value in layer.state_dict(prefix=prefix).items():
-            if key.startswith(f"{prefix}base_layer."):
-                continue
-            out[key] = value.detach().cpu().clone()
-    return out
-
-
-def load_adapter_state_dict(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
-    """Load `adapter_state_dict` output into a freshly built (injected) model; pools and routers resize.
-
-    Raises KeyError naming missing or unexpected adapter keys (a checkpoint of a different adapter config).
-    """
-    layers = _adapter_modules(model)
-    names = {n for n, _ in layers}
-    per_layer: dict[str, dict[str, torch.Tensor]] = {n: {} for n in names}
-    orphans = []
-    for key, value in state.items():
-        # Longest match first: no layer name is a prefix of another's keys except through a '.'.
-        owner = max((n for n in names if key.startswith(f"{n}.")), key=len, default=None)
-        if owner is None:
-            orphans.append(key)
-            continue
-        per_layer[owner][key[len(owner) + 1:]] = value
-    missing_layers = sorted(n for n in names if not per_layer[n])
-    if orphans or missing_layers:
-        raise KeyError(f"checkpoint adapter state does not match this model (a different adapter config?): "
-                       f"{len(orphans)} unexpected keys, e.g. {orphans[:3]}; layers without state: "
-                       f"{missing_layers[:3]}")
-    for name, layer in layers:
-        sd = per_layer[name]
-        if not sd:
-            continue
-        # base_layer weights are not in the checkpoint: strict=False, then check that only they are missing.
-        result = layer.load_state_dict(sd, strict=False)
-        missing = [k for k in result.missing_keys if not k.startswith("base_layer.")]
-        if missing or result.unexpected_keys:
-            raise KeyError(f"adapter state of layer {name!r}: missing {missing}, unexpected {result.unexpected_keys}")
 
 
 def usage_state(layers: Iterable[tuple[str, MoELoRALinear]]) -> dict[str, list[torch.Tensor]]:

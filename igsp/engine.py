@@ -839,6 +839,7 @@ class Trainer:
             "world_size": self.dist.world,
             "precision": "bf16" if self.autocast_dtype is not None else "fp32",
             "backend": self.backend,
+            "backend_used": self.layers[0][1].resolved_backend(self.autocast_dtype) if self.layers else None,
         }
 
     # ------------------------------------------------------------------------------------ checkpoints

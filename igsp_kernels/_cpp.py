@@ -157,7 +157,9 @@ class _SubspacePenalty(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad_out: torch.Tensor) -> tuple:
         grads = ctx.saved_tensors
-        unit = bool(grad_out == 1)  # the usual loss.backward(): skip the multiply (a CPU scalar, no device sync)
+        # The usual loss.backward(): skip the multiply (a CPU scalar, no device sync). Not while torch.compile
+        # traces the backward: there the value is unknown and the multiply is free.
+        unit = not torch.compiler.is_compiling() and bool(grad_out == 1)
         out = [
             (g if unit else g * grad_out).to(dtype) if ctx.needs_input_grad[2 + i] else None
             for i, (g, dtype) in enumerate(zip(grads, ctx.dtypes))
@@ -184,11 +186,24 @@ def _load() -> None:
             raise ImportError(f"igsp_kernels._C has no CPU kernel for {missing} (stale build: rebuild it)")
     except Exception as exc:  # any failure (missing .so, undefined symbol, ABI mismatch) means "not available"
         _state["error"] = f"{type(exc).__name__}: {exc}"
-        logger.warning(
-            "the C++ CPU extension igsp_kernels._C is unavailable (%s); CPU ops use the reference. Build it with "
-            "`pip install --no-build-isolation -e .` (IGSP_KERNELS_BUILD_CPU=0 skips it on purpose).",
-            _state["error"],
-        )
+        _explain_missing(_state["error"])
+
+
+def _explain_missing(error: str) -> None:
+    """Say once why the extension is missing: info when the install opted out, a warning (with the build's reason
+    when the installed package recorded one) otherwise."""
+    from igsp_kernels._build_info import cpp_build_info
+
+    info = cpp_build_info()
+    if info is not None and info["cpp_extension"] == "opted_out":
+        logger.info("the C++ CPU extension was not built (%s); CPU ops use the eager reference", info["reason"])
+        return
+    why = f"; the install skipped it: {info['reason']}" if info is not None and info["reason"] else ""
+    logger.warning(
+        "the C++ CPU extension igsp_kernels._C is unavailable (%s%s); CPU ops use the reference. Build it with "
+        "torch installed: `pip install --no-build-isolation .` (IGSP_KERNELS_BUILD_CPU=0 skips it on purpose).",
+        error, why,
+    )
 
 
 def is_available() -> bool:

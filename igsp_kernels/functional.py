@@ -7,8 +7,9 @@ no silent garbage). Then `igsp_kernels.backends.select_backend` picks the implem
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Literal
+import math
+from collections.abc import Callable, Sequence
+from typing import Any, Literal
 
 import torch
 
@@ -66,9 +67,39 @@ def _check_shape(name: str, t: torch.Tensor, expected: tuple[int, ...], what: st
         raise ValueError(f"{name} must have shape {expected} ({what}), got {tuple(t.shape)}")
 
 
+def _checking_values() -> bool:
+    """Whether checks that read tensor values may run: never while torch.compile/export traces (a host read there
+    is a graph break, or an error under fullgraph=True and torch.export)."""
+    return not torch.compiler.is_compiling()
+
+
+def _check_number(name: str, value: object, *, low: float | None = None, what: str = "a finite float") -> float:
+    """A finite int/float (not a bool), >= low when given; returned as a float."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be {what}, got {type(value).__name__}")
+    if not math.isfinite(value) or (low is not None and value < low):
+        raise ValueError(f"{name} must be {what}, got {value!r}")
+    return float(value)
+
+
+def _check_finite(name: str, t: torch.Tensor, hint: str = "") -> None:
+    """Every entry of t finite. CPU: a host check (free there); an accelerator: an async device assert (no host
+    sync). Skipped while torch.compile/export traces and under IGSP_KERNELS_CHECK_FINITE=0."""
+    if t.numel() == 0 or t.device.type == "meta" or not _env.check_finite_enabled() or not _checking_values():
+        return
+    if t.device.type != "cpu":
+        torch._assert_async(torch.isfinite(t).all(), f"{name} must be finite{hint}")
+        return
+    finite = torch.isfinite(t)
+    if not bool(finite.all()):
+        nan = int(torch.isnan(t).sum())
+        raise ValueError(f"{name} must be finite, got {nan} NaN and {int((~finite).sum()) - nan} infinite "
+                         f"value(s) in shape {tuple(t.shape)}{hint}")
+
+
 def _check_index_range(name: str, idx: torch.Tensor, upper: int, what: str) -> None:
     """0 <= idx < upper. On CPU a real check; on an accelerator an async device assert (no host sync)."""
-    if idx.numel() == 0 or not _env.check_indices_enabled():
+    if idx.numel() == 0 or not _env.check_indices_enabled() or not _checking_values():
         return
     if idx.device.type == "cpu":
         lo, hi = int(idx.min()), int(idx.max())
@@ -77,6 +108,43 @@ def _check_index_range(name: str, idx: torch.Tensor, upper: int, what: str) -> N
             raise IndexError(f"{name} values must lie in [0, {upper}) ({what}), got {bad}")
     else:
         torch._assert_async(((idx >= 0) & (idx < upper)).all(), f"{name} values must lie in [0, {upper}) ({what})")
+
+
+# --------------------------------------------------------------------------------------------- dispatch
+class _TracedImpls:
+    """Implementations chosen while torch.compile/export traced a call, as attributes named by `_traced_choice`'s
+    key. An object, not a dict: Dynamo snapshots a dict's items when it first reads it, but reads an object's
+    attributes when asked, so an entry added by the opaque choice during the same trace is found."""
+
+
+_TRACED_IMPLS = _TracedImpls()
+
+
+@torch.compiler.assume_constant_result
+def _traced_choice(op: str, device_type: str, device_index: int, dtype: torch.dtype, activation: str,
+                   backend: str) -> str:
+    """Run select_backend for a traced call, outside the graph (it imports lazily, reads IGSP_KERNELS_* flags and
+    logs: each a graph break if traced) and return the key of the chosen implementation in `_TRACED_IMPLS`."""
+    device = torch.device(device_type, device_index) if device_index >= 0 else torch.device(device_type)
+    chosen = select_backend(OpRequest(op, device, dtype, activation), backend)
+    key = f"{op}__{chosen.name}"
+    setattr(_TRACED_IMPLS, key, chosen.implementation(op))
+    return key
+
+
+def _dispatch(op: str, device: torch.device, dtype: torch.dtype, backend: str,
+              activation: str = "identity") -> Callable[..., Any]:
+    """The implementation `select_backend` picks for `op` on inputs of `device` and `dtype`.
+
+    Under torch.compile/export the choice is made once per compilation, at trace time, and baked into the graph:
+    flipping an IGSP_KERNELS_* flag afterwards needs `torch.compiler.reset()` to take effect in compiled code.
+    """
+    if torch.compiler.is_compiling():
+        index = -1 if device.index is None else device.index
+        key = _traced_choice(op, device.type, index, dtype, activation, backend)
+        return getattr(_TRACED_IMPLS, key)
+    chosen = select_backend(OpRequest(op, device, dtype, activation), backend)
+    return lambda *args: chosen(op, *args)
 
 
 # ---------------------------------------------------------------------------------------------- routing
@@ -94,32 +162,39 @@ def route_topk(
     Semantics: p = softmax(logits + noise_std * N(0, 1)) over active experts; idx, w = topk(p, k); w /= w.sum(-1).
 
     Args:
-        logits: (N, E) floating router logits.
+        logits: (N, E) finite floating router logits (mask experts out with `active`, not with -inf).
         k: experts per row, 1 <= k <= number of active experts.
         active: optional bool mask (E,) or (N, E); inactive experts are never chosen.
-        noise_std: std of Gaussian noise added to the logits (noisy top-k, training only); >= 0.
+        noise_std: std of Gaussian noise added to the logits (noisy top-k, training only); finite, >= 0.
         generator: RNG for the noise.
     Returns:
         topk_idx int32 (N, k), topk_w fp32 (N, k) (rows sum to 1), probs fp32 (N, E).
+
+    Non-finite logits are refused: a ValueError on CPU, an async device-side assert on accelerators (no host
+    sync). Where no check runs (while torch.compile/export traces, or IGSP_KERNELS_CHECK_FINITE=0) the rule is
+    NaN propagation: a row whose active logits hold a NaN or +inf, or are all -inf, gets NaN weights and
+    probabilities, so its output is NaN, never a finite wrong value.
     """
     _check_tensor("logits", logits, ndim=2, dtypes=_FLOAT_DTYPES)
     N, E = logits.shape
     if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= E:
         raise ValueError(f"k must be an int in [1, {E}] (E = logits.shape[1]), got {k!r}")
-    if not isinstance(noise_std, (int, float)) or noise_std < 0:
-        raise ValueError(f"noise_std must be a float >= 0, got {noise_std!r}")
+    noise_std = _check_number("noise_std", noise_std, low=0.0, what="a finite float >= 0")
     if active is not None:
         _check_tensor("active", active, dtypes=(torch.bool,), device=logits.device)
         if tuple(active.shape) not in ((E,), (N, E)):
             raise ValueError(f"active must have shape ({E},) or ({N}, {E}), got {tuple(active.shape)}")
-        if active.device.type == "cpu":
+        if not _checking_values():
+            pass
+        elif active.device.type == "cpu":
             fewest = int(active.sum(-1).min()) if active.numel() else 0
             if N > 0 and fewest < k:
                 raise ValueError(f"k={k} is larger than the number of active experts ({fewest}) in active")
         else:
             torch._assert_async((active.sum(-1) >= k).all(), f"k={k} is larger than the number of active experts")
-    request = OpRequest("route_topk", logits.device, logits.dtype)
-    return select_backend(request, backend)("route_topk", logits, k, active, float(noise_std), generator)
+    _check_finite("logits", logits, " (mask experts out with active=, not with -inf logits)")
+    return _dispatch("route_topk", logits.device, logits.dtype, backend)(logits, k, active, float(noise_std),
+                                                                          generator)
 
 
 # --------------------------------------------------------------------------------------------- moe_lora
@@ -199,30 +274,49 @@ def moe_lora(
         if bias_b is not None:
             _check_tensor("expert_bias[1]", bias_b, ndim=2, dtypes=_FLOAT_DTYPES, device=dev)
             _check_shape("expert_bias[1]", bias_b, (E, d_out), "(E, d_out)")
-    if isinstance(scale, bool) or not isinstance(scale, (int, float)):
-        raise TypeError(f"scale must be a float, got {type(scale).__name__}")
+    scale = _check_number("scale", scale)
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
     _check_index_range("topk_idx", topk_idx, E, "E = A.shape[0]")
-    request = OpRequest("moe_lora", dev, x.dtype, activation)
-    impl = select_backend(request, backend)
-    return impl("moe_lora", x, A, B, topk_idx, topk_w, base_weight, base_bias, float(scale), activation,
-                bias_a, bias_b)
+    impl = _dispatch("moe_lora", dev, x.dtype, backend, activation)
+    return impl(x, A, B, topk_idx, topk_w, base_weight, base_bias, float(scale), activation, bias_a, bias_b)
 
 
 # --------------------------------------------------------------------------------------------- subspace
+@torch.library.custom_op("igsp_kernels::subspace_basis", mutates_args=())
+def _subspace_basis_op(M: torch.Tensor, energy: float, max_rank: int) -> torch.Tensor:
+    """The reference SVD as one opaque op (max_rank -1 = None): its output width m depends on the values of M,
+    which torch.compile/export can only express through an op with a dynamic output size (see the fake below)."""
+    # Inside the op the values are real even in a compiled graph: the host check costs no graph break.
+    if M.device.type != "meta" and not bool(torch.isfinite(M).all()):
+        nan = int(torch.isnan(M).sum())
+        raise ValueError(f"M must be finite, got {nan} NaN and {int((~torch.isfinite(M)).sum()) - nan} infinite "
+                         f"value(s) in shape {tuple(M.shape)} (an SVD of it would give a meaningless basis)")
+    return subspace_basis_ref(M, energy, None if max_rank < 0 else max_rank)
+
+
+@_subspace_basis_op.register_fake
+def _subspace_basis_fake(M: torch.Tensor, energy: float, max_rank: int) -> torch.Tensor:
+    upper = min(M.shape) if max_rank < 0 else min(min(M.shape), max_rank)
+    m = torch.library.get_ctx().new_dynamic_size(min=0, max=upper)
+    return M.new_empty(M.shape[0], m)
+
+
 def subspace_basis(M: torch.Tensor, energy: float = 0.95, *, max_rank: int | None = None) -> torch.Tensor:
     """Orthonormal basis U (d, m) of the columns of M (d, n), keeping `energy` of the squared singular values.
 
     GPM's criterion: m is the smallest count with sum_{i<m} s_i^2 >= energy * sum_i s_i^2. m = 0 for an empty
-    or zero M. Computed by SVD in fp64 (once per task, not on the hot path); returned in M.dtype.
+    or zero M. Computed by SVD in fp64 (once per task, not on the hot path); returned in M.dtype. M must be
+    finite (ValueError otherwise, also inside a compiled graph). Traceable: m is a dynamic size under
+    torch.compile/export.
     """
     _check_tensor("M", M, ndim=2, dtypes=_FLOAT_DTYPES)
     if not isinstance(energy, (int, float)) or not 0.0 < energy <= 1.0:
         raise ValueError(f"energy must be a float in (0, 1], got {energy!r}")
-    if max_rank is not None and (not isinstance(max_rank, int) or max_rank < 0):
+    if max_rank is not None and (isinstance(max_rank, bool) or not isinstance(max_rank, int) or max_rank < 0):
         raise ValueError(f"max_rank must be an int >= 0 or None, got {max_rank!r}")
-    return subspace_basis_ref(M, float(energy), max_rank)
+    # detach: a basis is a constant of the method (the reference never differentiated through the SVD either)
+    return _subspace_basis_op(M.detach(), float(energy), -1 if max_rank is None else max_rank)
 
 
 def _check_basis_pairs(mats_name: str, mats: Sequence[torch.Tensor], bases: Sequence[torch.Tensor]) -> None:
@@ -262,14 +356,14 @@ def subspace_penalty(
     Args:
         mats: list of (..., d_i, n_i) matrices (A_c as (C, d_in, r); B_c^T as (C, d_out, r)).
         bases: list of (d_i, m_i) orthonormal bases (m_i may be 0: no constraint).
-        lam: the regularization weight.
+        lam: the regularization weight, finite and >= 0.
     Returns: a scalar in fp32 (fp64 for fp64 inputs), differentiable in every M_i (d/dM = 2 lam (I - UU^T) M).
     """
     _check_basis_pairs("mats", mats, bases)
-    if not isinstance(lam, (int, float)) or isinstance(lam, bool):
-        raise TypeError(f"lam must be a float, got {type(lam).__name__}")
-    request = OpRequest("subspace_penalty", mats[0].device, mats[0].dtype)
-    return select_backend(request, backend)("subspace_penalty", list(mats), list(bases), float(lam))
+    lam = _check_number("lam", lam, low=0.0,
+                        what="a finite float >= 0 (a negative weight rewards leaving the subspace)")
+    impl = _dispatch("subspace_penalty", mats[0].device, mats[0].dtype, backend)
+    return impl(list(mats), list(bases), float(lam))
 
 
 def project_grad_(
@@ -285,5 +379,4 @@ def project_grad_(
         bases: list of (d_i, m_i) orthonormal bases.
     """
     _check_basis_pairs("grads", grads, bases)
-    request = OpRequest("project_grad", grads[0].device, grads[0].dtype)
-    select_backend(request, backend)("project_grad", list(grads), list(bases))
+    _dispatch("project_grad", grads[0].device, grads[0].dtype, backend)(list(grads), list(bases))

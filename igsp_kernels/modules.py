@@ -36,6 +36,8 @@ under no_grad: no host sync in forward. `usage_count` is how often each expert w
 
 from __future__ import annotations
 
+import copy
+import json
 import logging
 import math
 import re
@@ -46,6 +48,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from igsp_kernels.backends import OpRequest, select_backend
+from igsp_kernels.config import MoELoRAConfig, check_layer_options
 from igsp_kernels.functional import (
     _FLOAT_DTYPES,
     _INDEX_DTYPES,
@@ -56,7 +60,7 @@ from igsp_kernels.functional import (
     moe_lora,
     route_topk,
 )
-from igsp_kernels.reference.moe_lora import ACTIVATIONS, moe_lora_ref
+from igsp_kernels.reference.moe_lora import moe_lora_ref
 from igsp_kernels.reference.routing import expand_sample_routing
 
 __all__ = [
@@ -94,6 +98,26 @@ class RoutingDecision(NamedTuple):
 
 
 _LOGGED: set[str] = set()
+# The routing settings a layer's state_dict carries (extra state): they define what its weights compute.
+_SETTINGS = ("in_features", "out_features", "rank", "top_k", "scale", "activation", "expert_bias", "routing",
+             "route_token", "batch_first", "noise_std", "noise", "noise_floor", "expert_dropout")
+_STATE_FORMAT = "igsp_kernels.MoELoRALinear"
+_STATE_VERSION = 1
+_USAGE_BUFFERS = ("usage_weight", "usage_prob", "usage_rows")
+
+
+def _autocast_dtype(x: torch.Tensor) -> torch.dtype | None:
+    """The autocast dtype active for x's device type, or None."""
+    dev = x.device.type
+    if dev in ("cpu", "cuda", "xpu", "mps") and torch.is_autocast_enabled(dev):
+        return torch.get_autocast_dtype(dev)
+    return None
+
+
+def _no_autocast(x: torch.Tensor) -> torch.autocast:
+    """A context that turns autocast off for x's device type (ops inside run in the dtypes they are given)."""
+    dev = x.device.type if x.device.type in ("cpu", "cuda", "xpu", "mps") else "cpu"
+    return torch.autocast(dev, enabled=False)
 
 
 def _log_once(key: str, msg: str) -> None:
@@ -133,14 +157,17 @@ class TaskRouter(nn.Module):
         return self.weight.shape[0]
 
     def forward(self, x_route: torch.Tensor) -> torch.Tensor:
-        """x_route (N, d_route) -> logits (N, E) in fp32 (routing decisions are precision-sensitive)."""
-        return F.linear(x_route.float(), self.weight.float())
+        """x_route (N, d_route) -> logits (N, E) in fp32, also under autocast (routing decisions are
+        precision-sensitive: a bf16 logit has 8 bits of mantissa, and near-ties flip the chosen experts)."""
+        with _no_autocast(x_route):
+            return F.linear(x_route.float(), self.weight.float())
 
     def noise_std(self, x_route: torch.Tensor, floor: float) -> torch.Tensor:
         """(N, E) fp32 learned noise std softplus(x_route @ noise_weight^T) + floor (needs learned_noise)."""
         if self.noise_weight is None:
             raise RuntimeError("this router has no learned noise (built with learned_noise=False)")
-        return F.softplus(F.linear(x_route.float(), self.noise_weight.float())) + floor
+        with _no_autocast(x_route):
+            return F.softplus(F.linear(x_route.float(), self.noise_weight.float())) + floor
 
     def _reindex(self, order: torch.Tensor, new_active: torch.Tensor | None = None) -> None:
         """Keep/permute columns: new expert i = old expert order[i] (order[i] = -1: a new, inactive expert)."""
@@ -205,29 +232,16 @@ class MoELoRALinear(nn.Module):
         device: torch.device | str | None = None,
     ) -> None:
         super().__init__()
-        for name, value in (("in_features", in_features), ("out_features", out_features), ("rank", rank),
-                            ("top_k", top_k)):
+        for name, value in (("in_features", in_features), ("out_features", out_features)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be an int >= 1, got {value!r}")
-        if isinstance(num_experts, bool) or not isinstance(num_experts, int) or num_experts < 0:
-            raise ValueError(f"num_experts must be an int >= 0, got {num_experts!r}")
-        if activation not in ACTIVATIONS:
-            raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
-        if routing not in ("sample", "token"):
-            raise ValueError(f"routing must be 'sample' or 'token', got {routing!r}")
-        if route_token not in ("first", "mean"):
-            raise ValueError(f"route_token must be 'first' or 'mean', got {route_token!r}")
-        if noise_std < 0:
-            raise ValueError(f"noise_std must be >= 0, got {noise_std!r}")
-        if noise not in ("fixed", "learned"):
-            raise ValueError(f"noise must be 'fixed' (noise_std) or 'learned' (noisy top-k gating), got {noise!r}")
-        if noise == "learned" and noise_std:
-            raise ValueError("noise='learned' learns the noise std per router: noise_std must be 0, "
-                             f"got {noise_std!r}")
-        if not noise_floor >= 0:
-            raise ValueError(f"noise_floor must be >= 0, got {noise_floor!r}")
-        if not 0.0 <= expert_dropout < 1.0:
-            raise ValueError(f"expert_dropout must lie in [0, 1), got {expert_dropout!r}")
+        opts = check_layer_options(
+            num_experts=num_experts, rank=rank, top_k=top_k, scale=scale, activation=activation,
+            expert_bias=expert_bias, routing=routing, route_token=route_token, batch_first=batch_first,
+            noise_std=noise_std, noise=noise, noise_floor=noise_floor, expert_dropout=expert_dropout,
+            router_init_std=router_init_std, backend=backend)
+        scale, noise_std, noise_floor = opts["scale"], opts["noise_std"], opts["noise_floor"]
+        expert_dropout, router_init_std = opts["expert_dropout"], opts["router_init_std"]
         if base is not None:
             if not isinstance(base, nn.Linear):
                 raise TypeError(f"base must be an nn.Linear, got {type(base).__name__}")
@@ -260,9 +274,13 @@ class MoELoRALinear(nn.Module):
         self.routers = nn.ModuleDict()
         self.active_task: str | None = None
         self._sample_tasks: torch.Tensor | None = None
+        self._task_set = False  # set_task was called (None included) or a state_dict said so
+        self._disabled = False  # inside `disable_adapters`: the base layer alone
+        self._merged: str | None = None  # the task whose experts are folded into the base weight (`merge`)
         dev = torch.device(device) if device is not None else None
+        dtype = base.weight.dtype if base is not None else None
         for group in _GROUPS:
-            self._set_group(group, *self._empty_experts(0, dev))
+            self._set_group(group, *self._empty_experts(0, dev, dtype))
         self.register_buffer("usage_weight", torch.zeros(0, device=dev), persistent=False)
         self.register_buffer("usage_prob", torch.zeros(0, device=dev), persistent=False)
         self.register_buffer("usage_count", torch.zeros(0, device=dev), persistent=False)
@@ -278,11 +296,13 @@ class MoELoRALinear(nn.Module):
             raise TypeError(f"linear must be an nn.Linear, got {type(linear).__name__}")
         return cls(linear.in_features, linear.out_features, base=linear, **kwargs)
 
-    def _empty_experts(self, n: int, device: torch.device | None) -> tuple[torch.Tensor, ...]:
-        A = torch.zeros(n, self.in_features, self.rank, device=device)
-        B = torch.zeros(n, self.rank, self.out_features, device=device)
-        ba = torch.zeros(n, self.rank, device=device) if self.expert_bias else None
-        bb = torch.zeros(n, self.out_features, device=device) if self.expert_bias else None
+    def _empty_experts(self, n: int, device: torch.device | None,
+                       dtype: torch.dtype | None = None) -> tuple[torch.Tensor, ...]:
+        kw = dict(device=device, dtype=dtype)
+        A = torch.zeros(n, self.in_features, self.rank, **kw)
+        B = torch.zeros(n, self.rank, self.out_features, **kw)
+        ba = torch.zeros(n, self.rank, **kw) if self.expert_bias else None
+        bb = torch.zeros(n, self.out_features, **kw) if self.expert_bias else None
         return A, B, ba, bb
 
     def _set_group(self, group: str, A: torch.Tensor, B: torch.Tensor, ba: torch.Tensor | None,
@@ -300,6 +320,11 @@ class MoELoRALinear(nn.Module):
     def device(self) -> torch.device:
         return self.A_train.device
 
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype of the expert parameters (follows `.to(dtype)`; new experts and routers are made in it)."""
+        return self.A_train.dtype
+
     # nn.Linear's attributes, so code that reads `layer.weight` (open_clip's cast-dtype probe, say) still works.
     @property
     def weight(self) -> torch.Tensor:
@@ -310,6 +335,12 @@ class MoELoRALinear(nn.Module):
     @property
     def bias(self) -> torch.Tensor | None:
         return None if self.base_layer is None else self.base_layer.bias
+
+    def resolved_backend(self, dtype: torch.dtype | None = None) -> str:
+        """The backend the expert op dispatches to on this layer's device for inputs of `dtype` (default: the
+        layer's). Training forwards with expert_dropout > 0 run the reference instead (see the module docs)."""
+        request = OpRequest("moe_lora", self.device, dtype or self.dtype, self.activation)
+        return select_backend(request, self.backend).name
 
     @property
     def num_frozen(self) -> int:
@@ -389,6 +420,7 @@ class MoELoRALinear(nn.Module):
         """
         if isinstance(n, bool) or not isinstance(n, int) or n < 1:
             raise ValueError(f"n must be an int >= 1, got {n!r}")
+        self._check_unmerged("add_experts")
         if active_in is None:
             active_in = [self.active_task] if self.active_task is not None else []
         keys = [_task_key(t) for t in active_in]
@@ -413,6 +445,7 @@ class MoELoRALinear(nn.Module):
         stay frozen (naming one is a no-op for it).
         """
         ids = self._check_ids(ids, "ids")
+        self._check_unmerged("freeze_experts")
         moving = [i for i in ids if i >= self.num_frozen]
         frozen = list(range(self.num_frozen)) + moving
         rest = [i for i in range(self.num_frozen, self.num_experts) if i not in set(moving)]
@@ -423,6 +456,7 @@ class MoELoRALinear(nn.Module):
     def remove_experts(self, ids: Iterable[int]) -> None:
         """Delete experts `ids` (their parameters are freed; routers lose their columns)."""
         ids = set(self._check_ids(ids, "ids"))
+        self._check_unmerged("remove_experts")
         order = [i for i in range(self.num_experts) if i not in ids]
         self._reindex(order, sum(1 for i in order if i < self.num_frozen))
 
@@ -442,24 +476,27 @@ class MoELoRALinear(nn.Module):
                                  f"got {active.dtype} {tuple(active.shape)}")
             active = active.to(self.device)
         router = TaskRouter(self.in_features, E, init_std=self.router_init_std, active=active,
-                            learned_noise=self.noise == "learned", device=self.device)
+                            learned_noise=self.noise == "learned", device=self.device, dtype=self.dtype)
         self.routers[key] = router
         return router
 
     # --------------------------------------------------------------------------------------------- state
     def set_task(self, task: str | int | None) -> None:
-        """Route the whole batch with `task`'s router; None turns the adapters off (base output only)."""
-        self._sample_tasks = None
-        if task is None:
-            self.active_task = None
-            return
-        key = _task_key(task)
-        if key not in self.routers:
+        """Route the whole batch with `task`'s router; None turns the adapters off (base output only).
+
+        Until a task (or None) is set, a forward with experts present is an error, not a silent base output.
+        """
+        self._check_unmerged("set_task")
+        key = None if task is None else _task_key(task)
+        if key is not None and key not in self.routers:
             raise ValueError(f"task {key!r} has no router; routers: {self.task_names}")
+        self._sample_tasks = None
         self.active_task = key
+        self._task_set = True
 
     def set_sample_tasks(self, task_ids: torch.Tensor | None) -> None:
         """A task per sample: task_ids (B,) long indices into `task_names`, -1 = adapters off for that sample."""
+        self._check_unmerged("set_sample_tasks")
         if task_ids is None:
             self._sample_tasks = None
             return
@@ -528,8 +565,18 @@ class MoELoRALinear(nn.Module):
             logits = logits + torch.randn_like(logits) * std
         return logits, masks[sel] | (tasks < 0).unsqueeze(1)  # an off row keeps every expert (weight 0 later)
 
-    def _routing_on(self) -> bool:
-        return self.num_experts > 0 and (self.active_task is not None or self._sample_tasks is not None)
+    def _check_on(self, what: str) -> None:
+        """Raise the error that says what to call when this layer has experts but no routing state."""
+        if self.num_experts and self.active_task is None and self._sample_tasks is None and not self._task_set:
+            if not self.routers:
+                raise RuntimeError(
+                    f"{what}: this MoELoRALinear has {self.num_experts} experts but no router yet: call "
+                    "add_router(task) and set_task(task) (igsp_kernels.add_router(model, task); "
+                    "igsp_kernels.set_task(model, task) for a whole model), or set_task(None) for the base layer "
+                    "alone")
+            raise RuntimeError(
+                f"{what}: no task is set on this MoELoRALinear (routers: {self.task_names}): call set_task(task) or "
+                "set_sample_tasks(ids), or set_task(None) for the base layer alone")
 
     def route(self, x: torch.Tensor) -> RoutingDecision:
         """This layer's routing decision for input `x` (what `forward(x)` would use), without applying it.
@@ -541,8 +588,11 @@ class MoELoRALinear(nn.Module):
         that applies the decision records them). Share one decision between layers with `forward(x, routing=)`.
         """
         self._check_input(x)
-        if not self._routing_on():
-            raise RuntimeError(f"this MoELoRALinear has nothing to route: {self._why_off()}")
+        self._check_on("route")
+        if self.num_experts == 0 or (self.active_task is None and self._sample_tasks is None):
+            raise RuntimeError("route: this MoELoRALinear has nothing to route ("
+                               + ("it has no experts: call add_experts" if self.num_experts == 0 else
+                                  "its adapters were turned off by set_task(None): set a task") + ")")
         xr, _ = self._route_input(x)
         tasks = self._sample_tasks
         if tasks is not None:
@@ -559,11 +609,6 @@ class MoELoRALinear(nn.Module):
         if tasks is not None:
             w = w * (tasks >= 0).unsqueeze(1).to(w.dtype)
         return RoutingDecision(idx, w, probs)
-
-    def _why_off(self) -> str:
-        if self.num_experts == 0:
-            return "it has no experts (add_experts)"
-        return f"no task is set (set_task(task) or set_sample_tasks(ids); routers: {self.task_names})"
 
     def _check_decision(self, decision: Any, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor,
                                                                         torch.Tensor | None, int]:
@@ -602,13 +647,21 @@ class MoELoRALinear(nn.Module):
         `routing`: a precomputed decision (`route()` of this or another layer with the same expert pool, or a
         block-level router's (topk_idx, topk_w[, probs])) used instead of this layer's own routers; rows are
         per routed sample (B, k) or per token (N, k). It overrides `set_task`/`set_sample_tasks`.
+
+        The base layer alone runs when the adapters are off (`set_task(None)`), disabled (`disable_adapters`),
+        merged into the base weight (`merge`), or when there are no experts. Under autocast the input and the base
+        weight run in the autocast dtype and the experts in their own (fp32 accumulation), like nn.Linear.
         """
         self._check_input(x)
         base = self.base_layer
-        if routing is None and not self._routing_on():
+        off = self._disabled or self._merged is not None or self.num_experts == 0
+        if routing is None and not off:
+            self._check_on("forward")
+            off = self.active_task is None and self._sample_tasks is None
+        if off:
+            if routing is not None and self.num_experts == 0:
+                raise ValueError("routing was given but this MoELoRALinear has no experts")
             return base(x) if base is not None else x.new_zeros(*x.shape[:-1], self.out_features)
-        if self.num_experts == 0:
-            raise ValueError("routing was given but this MoELoRALinear has no experts")
         if routing is None:
             idx, w, probs = self.route(x)
             _, L = self._route_input(x)
@@ -625,11 +678,19 @@ class MoELoRALinear(nn.Module):
         x2 = x.reshape(-1, self.in_features)
         base_w = None if base is None else base.weight
         base_b = None if base is None else base.bias
-        if self.training and self.expert_dropout > 0:
-            y = self._dropout_forward(x2, A, B, idx, w, base_w, base_b, eb)
-        else:
-            y = moe_lora(x2, A, B, idx, w, base_weight=base_w, base_bias=base_b, scale=self.scale,
-                         activation=self.activation, expert_bias=eb, backend=self.backend)
+        ac = _autocast_dtype(x)
+        if ac is not None:
+            # Autocast as nn.Linear sees it: the input and the base weight in the autocast dtype; the experts keep
+            # theirs (the ops accumulate in fp32). Run the op with autocast off so no GEMM inside is re-cast.
+            x2 = x2.to(ac)
+            base_w = None if base_w is None else base_w.to(ac)
+            base_b = None if base_b is None else base_b.to(ac)
+        with _no_autocast(x):
+            if self.training and self.expert_dropout > 0:
+                y = self._dropout_forward(x2, A, B, idx, w, base_w, base_b, eb)
+            else:
+                y = moe_lora(x2, A, B, idx, w, base_weight=base_w, base_bias=base_b, scale=self.scale,
+                             activation=self.activation, expert_bias=eb, backend=self.backend)
         return y.reshape(*x.shape[:-1], self.out_features)
 
     def _dropout_forward(self, x2: torch.Tensor, A: torch.Tensor, B: torch.Tensor, idx: torch.Tensor,
@@ -657,20 +718,171 @@ class MoELoRALinear(nn.Module):
             self.usage_prob.add_(probs.sum(0))
         self.usage_rows.add_(idx.shape[0])
 
+    # ------------------------------------------------------------------------------------------- merging
+    def _check_unmerged(self, what: str) -> None:
+        if self._merged is not None:
+            raise RuntimeError(f"{what}: the experts of task {self._merged!r} are merged into the base weight; "
+                               "call unmerge() (igsp_kernels.unmerge_(model)) first")
+
+    def _merge_weights(self, key: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """(ids, w): the experts task `key` always routes to and their fixed weights, or a ValueError saying why
+        its routing depends on the input."""
+        router = self.routers[key]
+        ids = torch.nonzero(router.active).flatten()
+        n = ids.numel()
+        if n == 0:
+            raise ValueError(f"merge: the router of task {key!r} has no active expert")
+        if n == 1:  # k = 1 over one expert: weight 1 whatever the input
+            return ids, torch.ones(1, dtype=torch.float64, device=ids.device)
+        rows = router.weight.detach()[ids]
+        if self.top_k == n and bool((rows == rows[:1]).all()):  # identical logits: softmax uniform, all chosen
+            return ids, torch.full((n,), 1.0 / n, dtype=torch.float64, device=ids.device)
+        raise ValueError(f"merge: the routing of task {key!r} depends on the input ({n} active experts, top_k="
+                         f"{self.top_k}, distinct router rows), so no single weight reproduces it; merging needs one "
+                         "active expert, or top_k equal to the active experts with identical router rows")
+
+    def _delta(self, key: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The fixed routing's expert term as a weight (d_out, d_in) and bias (d_out,) delta, in fp64."""
+        ids, w = self._merge_weights(key)
+        A, B, eb = self.expert_weights()
+        A64, B64 = A.detach()[ids].double(), B.detach()[ids].double()
+        dW = self.scale * torch.einsum("e,edr,ero->od", w, A64, B64)
+        db = None
+        if eb is not None:
+            ba, bb = (t.detach()[ids].double() for t in eb)
+            db = self.scale * (torch.einsum("e,er,ero->o", w, ba, B64) + w @ bb)
+        return dW, db
+
+    def _merge_plan(self, task: str | int | None) -> tuple[str, torch.Tensor, torch.Tensor | None]:
+        """Every check of `merge` without changing anything: (task key, weight delta, bias delta or None)."""
+        self._check_unmerged("merge")
+        if self.base_layer is None:
+            raise ValueError("merge: this MoELoRALinear has no base layer (a parallel adapter): nothing to merge into")
+        if self.activation != "identity":
+            raise ValueError(f"merge: activation {self.activation!r} is not linear, so the experts cannot be folded "
+                             "into a weight (only 'identity' can)")
+        key = self.active_task if task is None else _task_key(task)
+        if key is None or key not in self.routers:
+            raise ValueError(f"merge: name a task with a router (routers: {self.task_names}), got {task!r}"
+                             + (" and no task is active" if task is None else ""))
+        dW, db = self._delta(key)
+        if db is not None and self.base_layer.bias is None:
+            raise ValueError("merge: the experts have output biases but the base layer has no bias to fold them into")
+        return key, dW, db
+
+    @torch.no_grad()
+    def merge(self, task: str | int | None = None) -> None:
+        """Fold task `task`'s experts (default: the active task) into the base weight, W0 += s sum_e w_e (A_e B_e)^T.
+
+        Exact only where routing is fixed: one active expert in the task's router, or top_k equal to the active
+        experts with identical router rows (uniform weights); otherwise a ValueError says why. Needs a base layer
+        and activation "identity" (a ReLU expert is not linear). Until `unmerge`, forward runs the merged base layer
+        alone and the pool and task cannot change. Training and noise are irrelevant: merged means inference.
+        """
+        key, dW, db = self._merge_plan(task)
+        base = self.base_layer
+        base.weight.add_(dW.to(base.weight.dtype))
+        if db is not None:
+            base.bias.add_(db.to(base.bias.dtype))
+        self._merged = key
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Subtract the merged experts from the base weight again (round-off aside, as PEFT's unmerge)."""
+        if self._merged is None:
+            return
+        key, self._merged = self._merged, None
+        dW, db = self._delta(key)
+        self.base_layer.weight.sub_(dW.to(self.base_layer.weight.dtype))
+        if db is not None:
+            self.base_layer.bias.sub_(db.to(self.base_layer.bias.dtype))
+
+    @property
+    def merged(self) -> str | None:
+        """The task merged into the base weight, or None."""
+        return self._merged
+
     # ------------------------------------------------------------------------------------- checkpointing
-    def _load_from_state_dict(self, state_dict: dict, prefix: str, *args: Any, **kwargs: Any) -> None:
-        """Resize the pool and create missing routers so a checkpoint loads into a freshly built layer."""
+    def settings(self) -> dict[str, Any]:
+        """The routing settings that define what this layer's weights compute (carried by its state_dict)."""
+        return {name: getattr(self, name) for name in _SETTINGS}
+
+    def get_extra_state(self) -> torch.Tensor:
+        """The routing settings and state as UTF-8 JSON in a uint8 tensor on this layer's device.
+
+        A tensor, not a dict: every consumer of a state_dict that expects tensors (safetensors, DDP broadcasts,
+        checkpoint utilities that `.detach().cpu()` each value) keeps working, as in Transformer Engine's extra
+        state. Holds: the settings, the routers' order (per-sample task ids index it), the expert groups, and the
+        routing mode (unset / off / a task / per-sample tasks) and merged task, so a reload reproduces the outputs.
+        """
+        sample = None if self._sample_tasks is None else self._sample_tasks.tolist()
+        state = {
+            "format": _STATE_FORMAT, "version": _STATE_VERSION, "settings": self.settings(),
+            "routers": self.task_names, "groups": {"frozen": self.num_frozen, "train": self.num_trainable},
+            "task_set": self._task_set, "active_task": self.active_task, "sample_tasks": sample,
+            "merged": self._merged,
+        }
+        data = json.dumps(state, sort_keys=True).encode("utf-8")
+        return torch.tensor(list(data), dtype=torch.uint8, device=self.device)
+
+    @staticmethod
+    def _decode_state(value: Any) -> dict[str, Any]:
+        if not isinstance(value, torch.Tensor) or value.dtype != torch.uint8 or value.dim() != 1:
+            raise ValueError(f"expected a uint8 tensor of JSON, got {type(value).__name__}")
+        state = json.loads(bytes(value.cpu().tolist()).decode("utf-8"))
+        if not isinstance(state, dict) or state.get("format") != _STATE_FORMAT:
+            found = state.get("format") if isinstance(state, dict) else type(state).__name__
+            raise ValueError(f"not a {_STATE_FORMAT} state (format {found!r})")
+        if state.get("version", 0) > _STATE_VERSION:
+            raise ValueError(f"state version {state['version']} is newer than this igsp_kernels ({_STATE_VERSION})")
+        return state
+
+    def _settings_mismatch(self, saved: dict[str, Any]) -> list[str]:
+        ours = self.settings()
+        return [f"{k}={saved[k]!r} (this layer: {ours[k]!r})" for k in _SETTINGS if k in saved and saved[k] != ours[k]]
+
+    def set_extra_state(self, state: Any) -> None:
+        state = self._decode_state(state)
+        routers = state["routers"]
+        if list(self.routers.keys()) != routers and set(self.routers.keys()) == set(routers):
+            self.routers = nn.ModuleDict([(k, self.routers[k]) for k in routers])  # the saved order
+        self._task_set = bool(state["task_set"])
+        self.active_task = state["active_task"]
+        sample = state["sample_tasks"]
+        self._sample_tasks = None if sample is None else torch.tensor(sample, dtype=torch.long, device=self.device)
+        self._merged = state["merged"]
+
+    def _load_from_state_dict(self, state_dict: dict, prefix: str, local_metadata: dict, strict: bool,
+                              missing_keys: list[str], unexpected_keys: list[str], error_msgs: list[str]) -> None:
+        """Check the saved routing settings, then resize the pool and create missing routers so a checkpoint loads
+        into a freshly built layer; the saved routing state is restored (no set_task needed after a reload)."""
+        extra_key = f"{prefix}_extra_state"
+        if extra_key in state_dict:
+            try:
+                saved = self._decode_state(state_dict[extra_key])
+            except (ValueError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+                error_msgs.append(f"{extra_key}: unreadable MoELoRALinear state ({exc})")
+                return
+            where = prefix.rstrip(".") or "MoELoRALinear"
+            bad = self._settings_mismatch(saved["settings"])
+            if bad:
+                error_msgs.append(f"{where}: saved with other routing settings: {', '.join(bad)}; build the layer "
+                                  "with the saved settings (they define what the weights compute)")
+                return
+            if self._merged is not None:
+                error_msgs.append(f"{where}: cannot load into a merged layer; unmerge() first")
+                return
         sizes = {}
         for group in _GROUPS:
             key = f"{prefix}A_{group}"
             if key in state_dict:
                 sizes[group] = state_dict[key].shape[0]
         if sizes:
-            dev = self.device
+            dev, dtype = self.device, self.dtype
             for group in _GROUPS:
                 n = sizes.get(group, getattr(self, f"A_{group}").shape[0])
                 if n != getattr(self, f"A_{group}").shape[0]:
-                    self._set_group(group, *self._empty_experts(n, dev))
+                    self._set_group(group, *self._empty_experts(n, dev, dtype))
             E = self.num_experts
             for buf in ("usage_weight", "usage_prob", "usage_count"):
                 if getattr(self, buf).shape[0] != E:
@@ -679,9 +891,30 @@ class MoELoRALinear(nn.Module):
             for key in state_dict:
                 m = pattern.match(key)
                 if m and (m.group(1) not in self.routers or self.routers[m.group(1)].num_experts != E):
-                    self.routers[m.group(1)] = TaskRouter(self.in_features, E, init_std=0.0, device=dev,
+                    self.routers[m.group(1)] = TaskRouter(self.in_features, E, init_std=0.0, device=dev, dtype=dtype,
                                                           learned_noise=self.noise == "learned")
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+        if extra_key not in state_dict and extra_key in missing_keys:
+            # A state_dict from before routing settings were saved (version 0): load the weights, keep this layer's
+            # settings and leave the routing state to set_task, as then.
+            missing_keys.remove(extra_key)
+
+    def _apply(self, fn: Any, recurse: bool = True) -> MoELoRALinear:
+        # `.to(bf16)` and friends convert floating buffers: the usage statistics must stay fp32 (a bf16 row count
+        # stops at 256: 256 + 1 rounds back to 256) and index_add_ needs one dtype. Keep them, moved only.
+        usage = {name: getattr(self, name) for name in _USAGE_BUFFERS}
+        super()._apply(fn, recurse)
+        for name, old in usage.items():
+            new = getattr(self, name)
+            if new.dtype != old.dtype:
+                setattr(self, name, old.to(device=new.device))
+        return self
+
+    def __prepare_scriptable__(self) -> nn.Module:
+        # torch.jit.script calls this on every submodule before scripting: fail here, clearly, not deep in TorchScript.
+        raise RuntimeError("MoELoRALinear does not support torch.jit.script (TorchScript cannot express its routing "
+                           "state and lazy backend dispatch); use torch.compile or torch.export instead")
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
@@ -694,6 +927,121 @@ class MoELoRALinear(nn.Module):
         return f"learned (floor {self.noise_floor})" if self.noise == "learned" else str(self.noise_std)
 
 
+# --------------------------------------------------------------------------------------- wrappers for injection
+class AdaptedMultiheadAttention(nn.Module):
+    """`nn.MultiheadAttention`'s forward with a callable (adapted) out-projection.
+
+    nn.MultiheadAttention never calls `out_proj`: `F.multi_head_attention_forward` reads `out_proj.weight`
+    directly, so a wrapped `out_proj` alone would be silently dead. This module computes the same thing
+    (in-projection, scaled dot-product attention, out-projection) and *calls* `out_proj`. Same arguments and
+    result as `nn.MultiheadAttention.forward` for self- and cross-attention with a shared embedding size;
+    `need_weights=True` is refused (the fused attention never forms the weights).
+    """
+
+    # nn.TransformerEncoderLayer's fast-path check reads this attribute of its self_attn.
+    _qkv_same_embed_dim = True
+
+    def __init__(self, mha: nn.MultiheadAttention, out_proj: nn.Module) -> None:
+        super().__init__()
+        if not mha._qkv_same_embed_dim or mha.in_proj_weight is None:
+            raise ValueError("AdaptedMultiheadAttention needs an nn.MultiheadAttention with a packed in_proj_weight")
+        if mha.bias_k is not None or mha.add_zero_attn:
+            raise ValueError("AdaptedMultiheadAttention does not support add_bias_kv or add_zero_attn")
+        self.embed_dim = mha.embed_dim
+        self.num_heads = mha.num_heads
+        self.head_dim = mha.embed_dim // mha.num_heads
+        self.batch_first = mha.batch_first
+        self.dropout = mha.dropout
+        self.in_proj_weight = mha.in_proj_weight
+        self.in_proj_bias = mha.in_proj_bias
+        self.out_proj = out_proj
+
+    def forward(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        key_padding_mask: torch.Tensor | None = None,
+        need_weights: bool = True,
+        attn_mask: torch.Tensor | None = None,
+        average_attn_weights: bool = True,
+        is_causal: bool = False,
+    ) -> tuple[torch.Tensor, None]:
+        if need_weights:
+            raise ValueError("AdaptedMultiheadAttention computes no attention weights: "
+                             "call it with need_weights=False")
+        if not self.batch_first:
+            query, key, value = (t.transpose(0, 1) for t in (query, key, value))
+        Bn, L, d = query.shape
+        S = key.shape[1]
+        w_q, w_k, w_v = self.in_proj_weight.chunk(3)
+        b_q, b_k, b_v = self.in_proj_bias.chunk(3) if self.in_proj_bias is not None else (None, None, None)
+        q = F.linear(query, w_q, b_q)
+        k = F.linear(key, w_k, b_k)
+        v = F.linear(value, w_v, b_v)
+        h, dh = self.num_heads, self.head_dim
+        q, k, v = (t.reshape(Bn, -1, h, dh).transpose(1, 2) for t in (q, k, v))
+        mask = None
+        if attn_mask is not None:
+            # MHA: a bool True means "may not attend"; SDPA: True means "may attend". Float masks are additive.
+            mask = ~attn_mask if attn_mask.dtype == torch.bool else attn_mask.to(q.dtype)
+            if mask.dim() == 3:  # (B * h, L, S)
+                mask = mask.reshape(Bn, h, L, S)
+        if key_padding_mask is not None:
+            kpm = key_padding_mask.reshape(Bn, 1, 1, S)
+            kpm = ~kpm if kpm.dtype == torch.bool else kpm.to(q.dtype)
+            if mask is None:
+                mask = kpm
+            elif mask.dtype == torch.bool and kpm.dtype == torch.bool:
+                mask = mask & kpm
+            else:
+                mask = _additive(mask, q.dtype) + _additive(kpm, q.dtype)
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0,
+            is_causal=is_causal and mask is None,
+        )
+        out = self.out_proj(out.transpose(1, 2).reshape(Bn, L, d))
+        if not self.batch_first:
+            out = out.transpose(0, 1)
+        return out, None
+
+
+def _additive(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """An SDPA mask as an additive float mask (a bool True means "may attend")."""
+    if mask.dtype != torch.bool:
+        return mask
+    return torch.zeros_like(mask, dtype=dtype).masked_fill(~mask, float("-inf"))
+
+
+class ModulesToSaveWrapper(nn.Module):
+    """PEFT's `modules_to_save`: a trainable copy of a module (a classifier head, say) next to the frozen original.
+
+    forward runs the copy, or the original inside `disable_adapters`; attribute reads (`head.weight`) reach the
+    module in use. `save_adapters` stores the copy. State keys: `original_module.*` and `modules_to_save.*`.
+    """
+
+    def __init__(self, module: nn.Module) -> None:
+        super().__init__()
+        self.original_module = module.requires_grad_(False)
+        self.modules_to_save = copy.deepcopy(module).requires_grad_(True)
+        self._disabled = False
+        self.train(module.training)
+
+    @property
+    def active_module(self) -> nn.Module:
+        return self.original_module if self._disabled else self.modules_to_save
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.active_module(*args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            modules = self.__dict__["_modules"]
+            return getattr(modules["original_module" if self.__dict__.get("_disabled") else "modules_to_save"], name)
+
+
 # ------------------------------------------------------------------------------------------------ injection
 def _matches(name: str, target_modules: str | Sequence[str]) -> bool:
     if isinstance(target_modules, str):
@@ -701,46 +1049,137 @@ def _matches(name: str, target_modules: str | Sequence[str]) -> bool:
     return any(name == t or name.endswith("." + t) for t in target_modules)
 
 
+def _wrap(model: nn.Module, name: str, layer_kwargs: dict[str, Any]) -> MoELoRALinear:
+    """Replace the nn.Linear called `name` by a MoELoRALinear around it; an nn.MultiheadAttention's out_proj (never
+    called by its parent) is wrapped together with its attention by `AdaptedMultiheadAttention`."""
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    linear = getattr(parent, child)
+    layer = MoELoRALinear.from_linear(linear, **layer_kwargs).train(linear.training)  # the model's mode
+    if isinstance(parent, nn.MultiheadAttention) and child == "out_proj":
+        try:
+            adapted = AdaptedMultiheadAttention(parent, layer).train(parent.training)
+        except ValueError as exc:
+            raise ValueError(f"{name}: nn.MultiheadAttention reads out_proj.weight directly, so an adapter there "
+                             f"needs AdaptedMultiheadAttention, which refuses this one ({exc}); target another "
+                             "module") from None
+        grand_name, _, attr = parent_name.rpartition(".")
+        grand = model.get_submodule(grand_name) if grand_name else model
+        if not parent_name:
+            raise ValueError(f"{name}: the model itself is an nn.MultiheadAttention; wrap it yourself with "
+                             "igsp_kernels.AdaptedMultiheadAttention(mha, MoELoRALinear.from_linear(mha.out_proj))")
+        setattr(grand, attr, adapted)
+    else:
+        setattr(parent, child, layer)
+    return layer
+
+
+def _disable_fast_paths(model: nn.Module, wrapped: Sequence[str]) -> None:
+    """Turn off torch's fused Transformer fast path above every wrapped layer.
+
+    In eval mode nn.TransformerEncoderLayer (and nn.TransformerEncoder's nested-tensor path) may call
+    `torch._transformer_encoder_layer_fwd` with `linear1.weight`, `self_attn.out_proj.weight`, ... read directly:
+    every adapter below would be skipped, silently. Per instance, not process-wide (torch.backends.mha
+    .set_fastpath_enabled would slow every other model): the layer's `activation_relu_or_gelu` flag is only read
+    by that fast path, and the encoder's `use_nested_tensor` only gates its nested-tensor conversion.
+    """
+    layers = encoders = 0
+    for name, module in model.named_modules():
+        above = any(w == name or w.startswith(name + ".") for w in wrapped) if name else bool(wrapped)
+        if not above:
+            continue
+        if isinstance(module, nn.TransformerEncoderLayer) and module.activation_relu_or_gelu:
+            module.activation_relu_or_gelu = 0
+            layers += 1
+        elif isinstance(module, nn.TransformerEncoder) and getattr(module, "use_nested_tensor", False):
+            module.use_nested_tensor = False
+            encoders += 1
+    if layers or encoders:
+        logger.info("disabled torch's Transformer fast path of %d nn.TransformerEncoderLayer and %d "
+                    "nn.TransformerEncoder modules: it reads the weights directly and would bypass the adapters",
+                    layers, encoders)
+
+
 def inject_moe_lora(
     model: nn.Module,
-    target_modules: str | Sequence[str],
+    target_modules: str | Sequence[str] | MoELoRAConfig,
     *,
-    freeze_base_model: bool = True,
+    freeze_base_model: bool | None = None,
     **expert_options: Any,
 ) -> list[str]:
-    """Replace every `nn.Linear` of `model` matched by `target_modules` with a `MoELoRALinear` wrapping it.
+    """Replace every `nn.Linear` of `model` matched by the targets with a `MoELoRALinear` wrapping it.
+
+    Two forms: `inject_moe_lora(model, MoELoRAConfig(...))` (PEFT's `get_peft_model`: the config names the
+    targets, the layer options, `modules_to_save`, and a `task` whose router is created and made active), or
+    `inject_moe_lora(model, ["fc1", "fc2"], num_experts=4, ...)` with `MoELoRALinear` keyword arguments (no
+    router is created).
 
     Args:
         model: any torch model (modified in place).
-        target_modules: a regex (full match against the qualified module name) or a list of name suffixes
-            (`"fc1"` matches `"encoder.0.fc1"`).
-        freeze_base_model: freeze every parameter that is not an adapter parameter (the usual PEFT setup).
+        target_modules: a regex (full match against the qualified module name), a list of name suffixes
+            (`"fc1"` matches `"encoder.0.fc1"`), or a `MoELoRAConfig`.
+        freeze_base_model: freeze every parameter that is not an adapter parameter (the usual PEFT setup);
+            default True (the config form takes it from the config).
         expert_options: keyword arguments of `MoELoRALinear` (num_experts, rank, top_k, scale, routing, ...).
     Returns:
-        The qualified names of the wrapped modules, in `named_modules()` order.
+        The qualified names of the wrapped linears, in `named_modules()` order.
+
+    An nn.MultiheadAttention's `out_proj` is wrapped together with its attention (`AdaptedMultiheadAttention`),
+    since nn.MultiheadAttention never calls it; torch's Transformer fast path is turned off above every wrapped
+    layer (it would bypass them in eval mode).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-    if not isinstance(target_modules, str) and (
-        not isinstance(target_modules, Sequence) or not all(isinstance(t, str) for t in target_modules)
-    ):
-        raise TypeError(f"target_modules must be a regex string or a list of name suffixes, got {target_modules!r}")
-    if freeze_base_model:
-        model.requires_grad_(False)
-    targets = [(n, m) for n, m in model.named_modules() if n and _matches(n, target_modules)]
-    targets = [(n, m) for n, m in targets if not isinstance(m, MoELoRALinear)]
-    wrong = [f"{n} ({type(m).__name__})" for n, m in targets if not isinstance(m, nn.Linear)]
+    if isinstance(target_modules, MoELoRAConfig):
+        config = target_modules
+        extra = sorted(expert_options) + (["freeze_base_model"] if freeze_base_model is not None else [])
+        if extra:
+            raise TypeError(f"inject_moe_lora(model, config) takes its options from the config; got also {extra}")
+        targets, freeze = config.target_modules, config.freeze_base_model
+        layer_kwargs = config.layer_kwargs()
+    else:
+        config, targets, freeze, layer_kwargs = None, target_modules, freeze_base_model, expert_options
+        if not isinstance(targets, str) and (
+            not isinstance(targets, Sequence) or not all(isinstance(t, str) for t in targets)
+        ):
+            raise TypeError("target_modules must be a regex string, a list of name suffixes or a MoELoRAConfig, "
+                            f"got {targets!r}")
+    # Never inside an adapter already there (a regex like "fc.*" would match "fc1.base_layer" of a wrapped fc1).
+    inside = tuple(f"{n}." for n, m in model.named_modules() if isinstance(m, (MoELoRALinear, ModulesToSaveWrapper)))
+    found = [(n, m) for n, m in model.named_modules() if n and _matches(n, targets) and not n.startswith(inside)]
+    found = [(n, m) for n, m in found if not isinstance(m, (MoELoRALinear, AdaptedMultiheadAttention))]
+    wrong = [f"{n} ({type(m).__name__})" for n, m in found if not isinstance(m, nn.Linear)]
     if wrong:
-        raise ValueError(f"target_modules={target_modules!r} matched modules that are not nn.Linear: {wrong}")
-    if not targets:
+        hint = ("; for an nn.MultiheadAttention target its out_proj (wrapped together with the attention)"
+                if any(isinstance(m, nn.MultiheadAttention) for _, m in found) else "")
+        raise ValueError(f"target_modules={targets!r} matched modules that are not nn.Linear: {wrong}{hint}")
+    if not found:
         sample = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)][:8]
-        raise ValueError(f"target_modules={target_modules!r} matched no module; nn.Linear names include {sample}")
-    for name, linear in targets:
+        raise ValueError(f"target_modules={targets!r} matched no module; nn.Linear names include {sample}")
+    to_save = []
+    if config is not None and config.modules_to_save:
+        to_save = [(n, m) for n, m in model.named_modules()
+                   if n and any(n == t or n.endswith("." + t) for t in config.modules_to_save)]
+        missing = [t for t in config.modules_to_save if not any(n == t or n.endswith("." + t) for n, _ in to_save)]
+        if missing:
+            raise ValueError(f"modules_to_save names {missing}, which match no module of the model")
+        both = sorted({n for n, _ in to_save} & {n for n, _ in found})
+        if both:
+            raise ValueError(f"{both} are both adapter targets and modules_to_save: choose one")
+    if freeze is None or freeze:
+        model.requires_grad_(False)
+    names = [n for n, _ in found]
+    for name in names:
+        _wrap(model, name, layer_kwargs)
+    for name, module in to_save:
         parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, MoELoRALinear.from_linear(linear, **expert_options))
-    logger.info("wrapped %d linear layers with MoELoRALinear", len(targets))
-    return [n for n, _ in targets]
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, ModulesToSaveWrapper(module))
+    _disable_fast_paths(model, names)
+    if config is not None and config.task is not None:
+        add_router(model, config.task)
+        set_task(model, config.task)
+    logger.info("wrapped %d linear layers with MoELoRALinear", len(names))
+    return names
 
 
 def moe_lora_layers(model: nn.Module) -> Iterator[tuple[str, MoELoRALinear]]:

@@ -326,7 +326,16 @@ def test_precomputed_routing_is_validated(bad, exc, pattern):
 
 def test_route_without_a_task_says_what_to_call():
     m = MoELoRALinear.from_linear(nn.Linear(10, 7), num_experts=2, rank=2)
-    with pytest.raises(RuntimeError, match=r"no task is set \(set_task\(task\) or set_sample_tasks"):
+    with pytest.raises(RuntimeError, match=r"route: this MoELoRALinear has 2 experts but no router yet: call "
+                                           r"add_router\(task\) and set_task\(task\)"):
+        m.route(torch.randn(2, 10))
+    m.add_router("a")
+    with pytest.raises(RuntimeError, match=r"route: no task is set on this MoELoRALinear \(routers: \['a'\]\): "
+                                           r"call set_task\(task\)"):
+        m.route(torch.randn(2, 10))
+    m.set_task(None)
+    with pytest.raises(RuntimeError, match=r"nothing to route \(its adapters were turned off by set_task\(None\): "
+                                           r"set a task\)"):
         m.route(torch.randn(2, 10))
 
 
@@ -406,8 +415,8 @@ def test_learned_noise_follows_expert_reindexing_and_sample_tasks():
 @pytest.mark.parametrize("kwargs,pattern", [
     (dict(noise="gumbel"), r"noise must be 'fixed' \(noise_std\) or 'learned' \(noisy top-k gating\), got 'gumbel'"),
     (dict(noise="learned", noise_std=0.1), r"noise='learned' learns the noise std per router: noise_std must be 0"),
-    (dict(expert_dropout=1.0), r"expert_dropout must lie in \[0, 1\), got 1.0"),
-    (dict(noise_floor=-1.0), r"noise_floor must be >= 0, got -1.0"),
+    (dict(expert_dropout=1.0), r"expert_dropout must be a float in \[0, 1\), got 1.0"),
+    (dict(noise_floor=-1.0), r"noise_floor must be a finite float >= 0, got -1.0"),
 ])
 def test_gating_options_are_validated(kwargs, pattern):
     with pytest.raises(ValueError, match=pattern):
@@ -432,3 +441,12 @@ def test_expert_dropout_says_once_that_training_uses_the_reference(caplog):
         layer(expert_dropout=0.1)
     said = [r for r in caplog.records if "expert_dropout > 0" in r.getMessage()]
     assert len(said) == 1 and said[0].levelname == "INFO"
+
+
+def test_injecting_again_never_wraps_inside_an_adapter():
+    net = TinyNet()
+    ik.inject_moe_lora(net, r"encoder\.[02]", num_experts=1)
+    # the same regex now also matches nothing new: "encoder.0.base_layer" is inside an adapter
+    with pytest.raises(ValueError, match=r"matched no module"):
+        ik.inject_moe_lora(net, r"encoder\.[02].*", num_experts=1)
+    assert ik.inject_moe_lora(net, ["head"], num_experts=1) == ["head"]

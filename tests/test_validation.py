@@ -44,7 +44,9 @@ def call(**over):
     (dict(expert_bias=(torch.randn(3, 3), None)), ValueError, r"expert_bias\[0\] must have shape \(3, 2\)"),
     (dict(expert_bias=(None, torch.randn(2, 5))), ValueError, r"expert_bias\[1\] must have shape \(3, 5\)"),
     (dict(activation="gelu"), ValueError, r"activation must be one of \('identity', 'relu'\), got 'gelu'"),
-    (dict(scale="1"), TypeError, r"scale must be a float, got str"),
+    (dict(scale="1"), TypeError, r"scale must be a finite float, got str"),
+    (dict(scale=float("nan")), ValueError, r"scale must be a finite float, got nan"),
+    (dict(scale=float("inf")), ValueError, r"scale must be a finite float, got inf"),
     (dict(backend="cuda-magic"), ValueError, r"backend must be 'auto' or one of \['triton', 'cpp', 'reference'\]"),
     (dict(A=torch.randn(3, 6, 2, device="meta")), ValueError, r"A must be on cpu \(the device of x\), got meta"),
 ])
@@ -70,7 +72,10 @@ def test_forced_backend_explains_every_reason(monkeypatch):
     (dict(logits=torch.randn(3, 4), k=1, active=torch.ones(3, dtype=torch.bool)), ValueError,
      r"active must have shape \(4,\) or \(3, 4\), got \(3,\)"),
     (dict(logits=torch.randn(3, 4), k=1, active=torch.ones(4)), TypeError, r"active must have dtype in \['bool'\]"),
-    (dict(logits=torch.randn(3, 4), k=1, noise_std=-1.0), ValueError, r"noise_std must be a float >= 0, got -1.0"),
+    (dict(logits=torch.randn(3, 4), k=1, noise_std=-1.0), ValueError,
+     r"noise_std must be a finite float >= 0, got -1.0"),
+    (dict(logits=torch.randn(3, 4), k=1, noise_std=float("nan")), ValueError,
+     r"noise_std must be a finite float >= 0, got nan"),
     (dict(logits=torch.randn(3), k=1), ValueError, r"logits must have 2 dimensions, got shape \(3,\)"),
 ])
 def test_route_topk_rejects(kwargs, exc, pattern):
@@ -86,7 +91,7 @@ def test_subspace_ops_reject():
         ik.subspace_penalty([M], [torch.randn(4, 2)], 1.0)
     with pytest.raises(ValueError, match=r"mats must hold at least one tensor"):
         ik.subspace_penalty([], [], 1.0)
-    with pytest.raises(TypeError, match=r"lam must be a float, got str"):
+    with pytest.raises(TypeError, match=r"lam must be a finite float >= 0 .*, got str"):
         ik.subspace_penalty([M], [U], "big")
     with pytest.raises(ValueError, match=r"grads\[0\] must have shape \(\.\.\., d, n\), got \(5,\)"):
         ik.project_grad_([torch.randn(5)], [U])

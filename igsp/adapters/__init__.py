@@ -25,10 +25,10 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from igsp_kernels import MoELoRALinear, moe_lora_layers
+from igsp_kernels.modules import AdaptedMultiheadAttention  # generic torch: lives in the kernel layer
 from igsp_kernels.reference.moe_lora import ACTIVATIONS
 
 __all__ = [
@@ -140,85 +140,6 @@ class AdapterConfig:
             noise_std=self.noise_std, noise=self.noise, noise_floor=self.noise_floor,
             expert_dropout=self.expert_dropout, router_init_std=self.router_init_std, backend=self.backend,
         )
-
-
-class AdaptedMultiheadAttention(nn.Module):
-    """`nn.MultiheadAttention`'s forward with a callable (adapted) out-projection.
-
-    Same arguments and result as `nn.MultiheadAttention.forward` for self- and cross-attention with a shared
-    embedding size; `need_weights=True` is refused (the fused attention never forms the weights).
-    """
-
-    def __init__(self, mha: nn.MultiheadAttention, out_proj: nn.Module) -> None:
-        super().__init__()
-        if not mha._qkv_same_embed_dim or mha.in_proj_weight is None:
-            raise ValueError("AdaptedMultiheadAttention needs an nn.MultiheadAttention with a packed in_proj_weight")
-        if mha.bias_k is not None or mha.add_zero_attn:
-            raise ValueError("AdaptedMultiheadAttention does not support add_bias_kv or add_zero_attn")
-        self.embed_dim = mha.embed_dim
-        self.num_heads = mha.num_heads
-        self.head_dim = mha.embed_dim // mha.num_heads
-        self.batch_first = mha.batch_first
-        self.dropout = mha.dropout
-        self.in_proj_weight = mha.in_proj_weight
-        self.in_proj_bias = mha.in_proj_bias
-        self.out_proj = out_proj
-
-    def forward(
-        self,
-        query: torch.Tensor,
-        key: torch.Tensor,
-        value: torch.Tensor,
-        key_padding_mask: torch.Tensor | None = None,
-        need_weights: bool = True,
-        attn_mask: torch.Tensor | None = None,
-        average_attn_weights: bool = True,
-        is_causal: bool = False,
-    ) -> tuple[torch.Tensor, None]:
-        if need_weights:
-            raise ValueError("AdaptedMultiheadAttention computes no attention weights: "
-                             "call it with need_weights=False")
-        if not self.batch_first:
-            query, key, value = (t.transpose(0, 1) for t in (query, key, value))
-        Bn, L, d = query.shape
-        S = key.shape[1]
-        w_q, w_k, w_v = self.in_proj_weight.chunk(3)
-        b_q, b_k, b_v = self.in_proj_bias.chunk(3) if self.in_proj_bias is not None else (None, None, None)
-        q = F.linear(query, w_q, b_q)
-        k = F.linear(key, w_k, b_k)
-        v = F.linear(value, w_v, b_v)
-        h, dh = self.num_heads, self.head_dim
-        q, k, v = (t.reshape(Bn, -1, h, dh).transpose(1, 2) for t in (q, k, v))
-        mask = None
-        if attn_mask is not None:
-            # MHA: a bool True means "may not attend"; SDPA: True means "may attend". Float masks are additive.
-            mask = ~attn_mask if attn_mask.dtype == torch.bool else attn_mask.to(q.dtype)
-            if mask.dim() == 3:  # (B * h, L, S)
-                mask = mask.reshape(Bn, h, L, S)
-        if key_padding_mask is not None:
-            kpm = key_padding_mask.reshape(Bn, 1, 1, S)
-            kpm = ~kpm if kpm.dtype == torch.bool else kpm.to(q.dtype)
-            if mask is None:
-                mask = kpm
-            elif mask.dtype == torch.bool and kpm.dtype == torch.bool:
-                mask = mask & kpm
-            else:
-                mask = _additive(mask, q.dtype) + _additive(kpm, q.dtype)
-        out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0,
-            is_causal=is_causal and mask is None,
-        )
-        out = self.out_proj(out.transpose(1, 2).reshape(Bn, L, d))
-        if not self.batch_first:
-            out = out.transpose(0, 1)
-        return out, None
-
-
-def _additive(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """An SDPA mask as an additive float mask (a bool True means "may attend")."""
-    if mask.dtype != torch.bool:
-        return mask
-    return torch.zeros_like(mask, dtype=dtype).masked_fill(~mask, float("-inf"))
 
 
 class ParallelAdapter(nn.Module):

@@ -50,6 +50,11 @@ def _gates(topk_idx: torch.Tensor, topk_w: torch.Tensor, num_experts: int, dtype
     return gates.scatter_add(1, topk_idx.long(), topk_w.to(dtype))
 
 
+def _only_used(t: torch.Tensor, used: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """t (E, ...) in `dtype` with the rows of unused experts zeroed (`where`, not a multiply: 0 x NaN = NaN)."""
+    return torch.where(used.view(-1, *([1] * (t.dim() - 1))), t.to(dtype), 0)
+
+
 def _base(x: torch.Tensor, base_weight: torch.Tensor | None, base_bias: torch.Tensor | None) -> torch.Tensor | None:
     if base_weight is None:
         return None if base_bias is None else base_bias.to(x.dtype).expand(x.shape[0], -1)
@@ -80,9 +85,14 @@ def moe_lora_ref(
     acc = acc_dtype(x.dtype)
     E, _, r = A.shape
     xf = x.to(acc)
-    h = torch.einsum("td,edr->ter", xf, A.to(acc))  # (T, E, r): every expert's projection, no gather
+    # Experts that no row selects must not contribute whatever they hold: the dense GEMMs below would turn a NaN or
+    # inf in one of them into 0 x inf = NaN in every row (the gather-based backends never read them). Zero them
+    # first, on the device (no host sync): O(E d r), next to the O(T E d r) projection.
+    used = torch.zeros(E, dtype=torch.bool, device=x.device).index_fill_(0, topk_idx.reshape(-1).long(), True)
+    A, B = _only_used(A, used, acc), _only_used(B, used, acc)
+    h = torch.einsum("td,edr->ter", xf, A)  # (T, E, r): every expert's projection, no gather
     if bias_a is not None:
-        h = h + bias_a.to(acc)
+        h = h + _only_used(bias_a, used, acc)
     h = apply_activation(h, activation)
     gates = _gates(topk_idx, topk_w, E, acc)  # (T, E)
     if hidden_mask is None:
@@ -91,9 +101,9 @@ def moe_lora_ref(
         T, k = topk_idx.shape
         wm = topk_w.to(acc).unsqueeze(-1) * hidden_mask.to(acc)
         gh = h * torch.zeros_like(h).scatter_add(1, topk_idx.long().unsqueeze(-1).expand(T, k, r), wm)
-    z = gh.reshape(x.shape[0], E * r) @ B.to(acc).reshape(E * r, -1)
+    z = gh.reshape(x.shape[0], E * r) @ B.reshape(E * r, -1)
     if bias_b is not None:
-        z = z + gates @ bias_b.to(acc)
+        z = z + gates @ _only_used(bias_b, used, acc)
     y = scale * z
     base = _base(xf, base_weight, base_bias)
     if base is not None:

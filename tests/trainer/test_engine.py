@@ -194,6 +194,7 @@ def test_results_hold_the_matrix_metrics_and_parameter_accounting(tiny_run):
     selector = ck["selector"]["prototypes"].numel() + ck["selector"]["thresholds"].numel()
     assert p["total_added"] == experts + routers + selector
     assert results["images_per_s"] > 0 and results["wall_time_s"] > 0
+    assert results["backend_used"] in ("cpp", "reference")  # what ran on this CPU, not the setting ("auto")
 
 
 def test_checkpoints_are_weights_only_and_hold_no_backbone(tiny_run):
