@@ -103,7 +103,7 @@ _SETTINGS = ("in_features", "out_features", "rank", "top_k", "scale", "activatio
              "route_token", "batch_first", "noise_std", "noise", "noise_floor", "expert_dropout")
 _STATE_FORMAT = "igsp_kernels.MoELoRALinear"
 _STATE_VERSION = 1
-_USAGE_BUFFERS = ("usage_weight", "usage_prob", "usage_rows")
+_USAGE_BUFFERS = ("usage_weight", "usage_prob", "usage_count", "usage_rows")
 
 
 def _autocast_dtype(x: torch.Tensor) -> torch.dtype | None:
