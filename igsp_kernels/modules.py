@@ -35,7 +35,6 @@ from torch import nn
 
 from igsp_kernels.functional import Activation, BackendName, moe_lora, route_topk
 from igsp_kernels.reference.moe_lora import ACTIVATIONS
-from igsp_kernels.reference.routing import expand_sample_routing
 
 __all__ = [
     "MoELoRALinear",
@@ -443,10 +442,11 @@ class MoELoRALinear(nn.Module):
             w = w * (tasks >= 0).unsqueeze(1).to(w.dtype)
         if self.training:
             self._record_usage(idx, w, probs)
+        tokens_per_sample = None
         if L > 1:
-            if self.batch_first:
-                idx, w = expand_sample_routing(idx, w, L)
-            else:  # rows of an (L, B, d) input are ordered l * B + b
+            if self.batch_first:  # sample b owns the contiguous rows b * L .. b * L + L - 1: per-sample kernels
+                tokens_per_sample = L
+            else:  # rows of an (L, B, d) input are ordered l * B + b: the token path
                 idx, w = idx.repeat(L, 1), w.repeat(L, 1)
         A, B, eb = self.expert_weights()
         x2 = x.reshape(-1, self.in_features)
@@ -454,7 +454,8 @@ class MoELoRALinear(nn.Module):
             x2, A, B, idx, w,
             base_weight=None if base is None else base.weight,
             base_bias=None if base is None else base.bias,
-            scale=self.scale, activation=self.activation, expert_bias=eb, backend=self.backend,
+            scale=self.scale, activation=self.activation, expert_bias=eb, tokens_per_sample=tokens_per_sample,
+            backend=self.backend,
         )
         return y.reshape(*x.shape[:-1], self.out_features)
 

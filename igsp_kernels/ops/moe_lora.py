@@ -523,12 +523,16 @@ def moe_lora_triton(
     activation: str,
     bias_a: torch.Tensor | None,
     bias_b: torch.Tensor | None,
+    tokens_per_sample: int = 1,
 ) -> torch.Tensor:
     """Backend entry (`TritonBackend.table["moe_lora"]`); inputs already validated by `igsp_kernels.moe_lora`.
 
     Semantics: y = x W0^T + b0 + scale * sum_j w[:, j] (phi(x A[e_j] + ba[e_j]) B[e_j] + bb[e_j]).
     Returns y (T, d_out) in x.dtype, differentiable in x, A, B, topk_w, bias_a, bias_b.
     """
+    if tokens_per_sample > 1:
+        from igsp_kernels.reference.routing import expand_sample_routing
+        topk_idx, topk_w = expand_sample_routing(topk_idx, topk_w, tokens_per_sample)
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
     # The scale rides in the gate: the kernels never see a python float, so fp64 runs stay exact (a float kernel
     # argument would be rounded to fp32), and d topk_w = scale * d gate comes from autograd for free.
