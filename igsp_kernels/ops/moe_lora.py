@@ -52,7 +52,10 @@ from igsp_kernels.ops._utils import (
     num_sms,
     op_tl_dtype,
 )
+from igsp_kernels.ops.moe_lora_sample import moe_lora_sample_triton
+from igsp_kernels.ops.moe_lora_sample import supports as supports_sample
 from igsp_kernels.ops.routing import routing_metadata
+from igsp_kernels.reference.routing import expand_sample_routing
 
 __all__ = [
     "MoELoRAFunction",
@@ -531,7 +534,10 @@ def moe_lora_triton(
     Returns y (T, d_out) in x.dtype, differentiable in x, A, B, topk_w, bias_a, bias_b.
     """
     if tokens_per_sample > 1:
-        from igsp_kernels.reference.routing import expand_sample_routing
+        if supports_sample(x.shape[0], tokens_per_sample, topk_idx.shape[1], A.shape[2]):
+            return moe_lora_sample_triton(x, A, B, topk_idx, topk_w, base_weight, base_bias, scale, activation,
+                                          bias_a, bias_b, tokens_per_sample)
+        # tiny L with a wide k: the slot axis would not fit a tile's registers; the token path takes it
         topk_idx, topk_w = expand_sample_routing(topk_idx, topk_w, tokens_per_sample)
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
     # The scale rides in the gate: the kernels never see a python float, so fp64 runs stay exact (a float kernel

@@ -1,0 +1,561 @@
+"""Triton kernels of the per-sample MoE-LoRA path: only `@triton.jit` code and configs (STYLE A3).
+
+Orchestration and the design (why these kernels, with the performance model's numbers) live in
+`igsp_kernels/ops/moe_lora_sample.py`. Per-sample routing: sample s owns the contiguous rows [s L, s L + L) of x and
+one routing row (k experts, k gates), so no kernel here reads a (T, k) routing tensor or gathers a token row.
+
+Slots. A tile of BLOCK_M consecutive rows spans at most SAMPLES = ceil((BLOCK_M - 1) / L) + 1 samples, starting at
+s_lo = row0 // L. Its experts are the SAMPLES x k "slots" (slot = q k + j: sample s_lo + q, its j-th expert), laid
+side by side on a rank axis of SLOTS x BLOCK_R columns (column = slot BLOCK_R + c, c < r). One MMA against the
+gathered [A_e(slot 0) | A_e(slot 1) | ...] (BLOCK_K x SLOTS BLOCK_R) gives every row's projection on every slot; a
+row keeps its own sample's k slots (the `own` mask) and zeroes the others, so the next MMA (expansion by the
+gathered B or A^T) adds exactly its k experts. One program serves all k experts of its rows, and x / dy stream once.
+
+Kernels:
+- `_ps_fwd_kernel`: y = x W0^T + b0 + sum_j g phi(x A_e + ba) B_e + g bb_e, the shrink x A riding in the first N
+  tile's K loop (x is read by the base GEMM anyway), the expansion in every tile's epilogue; writes y and the fp32
+  pre-activation h (T, k, r) for the backward.
+- `_ps_bwd_kernel`: one launch of up to three kinds of programs, interleaved in the grid (so memory-bound weight-
+  gradient programs run beside compute-bound GEMM tiles): MAIN rows x N-groups of the dgrad GEMM dx = dy W0 +
+  sum_j D_j A_e^T, computing t = dy B_e^T in its K loop (T_IN_LOOP) or reading D; SIDE_A (expert, d_in tile)
+  programs dA_e = sum over e's samples x_s^T D_s (+ d ba); SIDE_B (expert, d_out tile) programs
+  dB_e = sum over e's samples (g phi(h_s))^T dy_s (+ d bb). Weight gradients go straight to dA / dB: an expert's
+  program walks its own samples' row segments in a fixed order (expert-major grouped GEMM), no partials, no atomics.
+- `_ps_pairs_kernel`: the B k sample-expert pairs sorted by expert (stable) and each expert's first pair; one
+  program, one launch, no host sync.
+
+Conventions as `_moe_lora_kernels.py`: OP_DT is the MMA operand dtype, ACC_DT the accumulation dtype, INDEX_64
+switches row offsets to int64.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from igsp_kernels.ops._utils import SMEM_LIMIT_BYTES, smem_bytes
+
+# Headroom under the Hopper limit for what the estimate leaves out (epilogue tiles, layout conversions).
+_SMEM_BUDGET = SMEM_LIMIT_BYTES - 16 * 1024
+
+
+# --------------------------------------------------------------------------------------------- configs
+def sample_gemm_configs() -> list[triton.Config]:
+    """Configs of the per-sample GEMM programs (forward, and the backward's MAIN + SIDE programs), best first.
+
+    BLOCK_M is not here: it fixes the slot layout (SAMPLES), so the launcher chooses it from the rank
+    (`moe_lora_sample.row_block`). BLOCK_WN x BLOCK_L is the activation tile of the weight-gradient programs.
+    """
+    def cfg(bn: int, bk: int, warps: int, stages: int, wn: int = 64, bl: int = 64) -> triton.Config:
+        return triton.Config({"BLOCK_N": bn, "BLOCK_K": bk, "BLOCK_WN": wn, "BLOCK_L": bl}, num_warps=warps,
+                             num_stages=stages)
+
+    return [
+        cfg(128, 64, 8, 3),
+        cfg(128, 64, 4, 3),
+        cfg(128, 32, 4, 4),
+        cfg(64, 64, 4, 3, 64, 32),
+        cfg(256, 64, 8, 3, 128, 64),
+        cfg(64, 32, 4, 2, 32, 32),
+    ]
+
+
+# Under TRITON_INTERPRET: small tiles so the test shapes (d ~ 20..48, L ~ 9..37) span several tiles and row chunks.
+INTERPRET_SAMPLE_GEMM = triton.Config({"BLOCK_N": 32, "BLOCK_K": 32, "BLOCK_WN": 32, "BLOCK_L": 16}, num_warps=4,
+                                      num_stages=1)
+
+
+def prune_sample_configs(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
+    """Drop configs whose pipelined operand tiles overflow shared memory, sized with each tensor's real dtype
+    (fp32 master A / B beside bf16 activations take 4 bytes a value, not 2)."""
+    a = {**named_args, **kwargs}
+    act = a["OP_ELT"]
+    lora = a["LORA_ELT"]
+    sr = a["SLOTS"] * a["BLOCK_R"]
+    bm = a["BLOCK_M"]
+    fma = a["OP_ELT"] == 8 or (a["OP_ELT"] == 4 and a["PRECISION"] == "ieee")
+    fits = []
+    for c in configs:
+        bn, bk = c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"]
+        wn, bl = c.kwargs["BLOCK_WN"], c.kwargs["BLOCK_L"]
+        loop = smem_bytes(c.num_stages, bm * bk * act, bk * bn * act, bk * sr * lora)
+        epilogue = sr * bn * lora + bm * sr * act
+        side = smem_bytes(c.num_stages, bl * wn * act, bl * a["BLOCK_R"] * 4)
+        ok = max(loop + epilogue, side) <= _SMEM_BUDGET
+        # fp32 "ieee" and fp64 dots are FMA code: a deep K step only unrolls more code (see _moe_lora_kernels)
+        fits.append(ok and not (fma and (bk > 32 or bn > 64)))
+    kept = [c for c, ok in zip(configs, fits) if ok]
+    return kept or [configs[-1]]
+
+
+# --------------------------------------------------------------------------------------------- helpers
+@triton.jit
+def _slot_columns(idx_ptr, gate_ptr, s_lo, n_samples, k, r, SAMPLES: tl.constexpr, SLOTS: tl.constexpr,
+                  BLOCK_R: tl.constexpr):
+    """Per column of the slot axis (SLOTS * BLOCK_R): (sample offset q, slot's j, rank index c, expert, gate,
+    valid). idx_ptr / gate_ptr: (n_samples, k) routing and gates."""
+    col = tl.arange(0, SLOTS * BLOCK_R)
+    slot = col // BLOCK_R
+    c = col % BLOCK_R
+    q = slot // k
+    j = slot % k
+    sample = s_lo + q
+    live = (slot < SAMPLES * k) & (sample < n_samples)
+    e = tl.load(idx_ptr + sample * k + j, mask=live, other=0).to(tl.int64)
+    g = tl.load(gate_ptr + sample * k + j, mask=live, other=0.0)
+    return q, j, c, e, g, live & (c < r)
+
+
+@triton.jit
+def _slot_lanes(idx_ptr, gate_ptr, s_lo, n_samples, k, SAMPLES: tl.constexpr, SB: tl.constexpr):
+    """Per lane of a slot vector padded to SB (>= 16, the smallest MMA width): (q, j, expert, gate, valid)."""
+    sb = tl.arange(0, SB)
+    q = sb // k
+    j = sb % k
+    sample = s_lo + q
+    live = (sb < SAMPLES * k) & (sample < n_samples)
+    e = tl.load(idx_ptr + sample * k + j, mask=live, other=0).to(tl.int64)
+    g = tl.load(gate_ptr + sample * k + j, mask=live, other=0.0)
+    return q, j, e, g, live
+
+
+@triton.jit
+def _tile_rows(row0, T, L, INDEX_64: tl.constexpr, BLOCK_M: tl.constexpr):
+    """Rows of a tile (clamped to row 0 past T: loads stay in bounds, stores are masked), their mask and their
+    sample's offset from the tile's first sample."""
+    offs_m = row0 + tl.arange(0, BLOCK_M)
+    mask_m = offs_m < T
+    rows = tl.where(mask_m, offs_m, 0)
+    if INDEX_64:
+        rows = rows.to(tl.int64)
+    qrow = offs_m // L - row0 // L
+    return rows, mask_m, qrow
+
+
+@triton.jit
+def _expand_store(acc, coef, gown, lora_ptr, s_le, s_lr, s_ln, bias_ptr, eb, liveb, b0_ptr, e, c, live, out_ptr,
+                  stride_out, rows, mask_m, offs_n, N, HAS_BIAS: tl.constexpr, HAS_B0: tl.constexpr,
+                  OP_DT: tl.constexpr, ACC_DT: tl.constexpr, PRECISION: tl.constexpr):
+    """out[rows, offs_n] = acc + coef @ L_gathered (+ gown @ bias_gathered + b0), L_gathered[col, n] =
+    lora[e(col), c(col), n] through strides (s_le, s_lr, s_ln): B (forward) or A^T (dx)."""
+    mask_n = offs_n < N
+    lt = tl.load(lora_ptr + e[:, None] * s_le + c[:, None] * s_lr + offs_n[None, :] * s_ln,
+                 mask=live[:, None] & mask_n[None, :], other=0.0).to(OP_DT)
+    acc = tl.dot(coef, lt, acc, input_precision=PRECISION, out_dtype=ACC_DT)
+    if HAS_BIAS:
+        bt = tl.load(bias_ptr + eb[:, None] * N + offs_n[None, :], mask=liveb[:, None] & mask_n[None, :],
+                     other=0.0).to(OP_DT)
+        acc = tl.dot(gown, bt, acc, input_precision=PRECISION, out_dtype=ACC_DT)
+    if HAS_B0:
+        acc += tl.load(b0_ptr + offs_n, mask=mask_n, other=0.0).to(ACC_DT)[None, :]
+    tl.store(out_ptr + rows[:, None] * stride_out + offs_n[None, :], acc.to(out_ptr.dtype.element_ty),
+             mask=mask_m[:, None] & mask_n[None, :])
+
+
+@triton.jit
+def _base_tile(acc, inp_ptr, stride_inp, rows, w_ptr, s_wk, s_wn, offs_n, N, K, OP_DT: tl.constexpr,
+               ACC_DT: tl.constexpr, PRECISION: tl.constexpr, BLOCK_K: tl.constexpr):
+    """acc += inp[rows, :K] @ W[:K, offs_n] with W addressed through strides (columns past N wrap: never stored)."""
+    offs_k = tl.arange(0, BLOCK_K)
+    a_ptrs = inp_ptr + rows[:, None] * stride_inp + offs_k[None, :]
+    w_ptrs = w_ptr + offs_k[:, None] * s_wk + (offs_n % N)[None, :] * s_wn
+    for k0 in range(0, K, BLOCK_K):
+        mk = (k0 + offs_k) < K
+        a = tl.load(a_ptrs, mask=mk[None, :], other=0.0).to(OP_DT)
+        w = tl.load(w_ptrs, mask=mk[:, None], other=0.0).to(OP_DT)
+        acc = tl.dot(a, w, acc, input_precision=PRECISION, out_dtype=ACC_DT)
+        a_ptrs += BLOCK_K
+        w_ptrs += BLOCK_K * s_wk
+    return acc
+
+
+# --------------------------------------------------------------------------------------------- forward
+@triton.jit
+def _ps_fwd_kernel(
+    x_ptr,  # (T, d_in) activations
+    w0_ptr,  # (d_out, d_in) frozen base weight in x's dtype (dummy when HAS_BASE is False)
+    b0_ptr,  # (d_out,) frozen base bias (dummy when HAS_B0 is False)
+    a_ptr,  # (E, d_in, r) A, contiguous, any float dtype
+    b_ptr,  # (E, r, d_out) B, contiguous
+    ba_ptr,  # (E, r) expert input bias (dummy when HAS_BA is False)
+    bb_ptr,  # (E, d_out) expert output bias (dummy when HAS_BB is False)
+    idx_ptr,  # (n_samples, k) int32/int64 routing of each sample
+    gate_ptr,  # (n_samples, k) ACC_DT gate = scale * topk_w
+    y_ptr,  # (T, d_out) out, x's dtype
+    hpre_ptr,  # (T, k, r) ACC_DT out: pre-activation x A_e + ba_e of each row's k experts
+    T,
+    d_in,
+    d_out,
+    r,
+    E,
+    k,
+    L,  # tokens per sample
+    n_samples,
+    stride_x_t,
+    stride_y_t,
+    n_groups,  # N-groups per row block (each recomputes the shrink; see moe_lora_sample.n_groups)
+    t_bucket,  # autotune key only (bucketed T)
+    OP_ELT,  # pruner only: bytes of an activation value
+    LORA_ELT,  # pruner only: bytes of an A / B value
+    HAS_BASE: tl.constexpr,
+    HAS_B0: tl.constexpr,
+    HAS_BA: tl.constexpr,
+    HAS_BB: tl.constexpr,
+    ACTIVATION: tl.constexpr,
+    OP_DT: tl.constexpr,
+    ACC_DT: tl.constexpr,
+    PRECISION: tl.constexpr,
+    INDEX_64: tl.constexpr,
+    SAMPLES: tl.constexpr,
+    SLOTS: tl.constexpr,
+    SB: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_WN: tl.constexpr,
+    BLOCK_L: tl.constexpr,
+):
+    """Semantics: y[t] = x[t] W0^T + b0 + sum_j g[s,j] (phi(x[t] A[e] + ba[e]) B[e] + bb[e]), s = t // L,
+    e = idx[s, j]; one program = a row block and a group of N tiles."""
+    pid = tl.program_id(0)
+    rb = pid // n_groups
+    grp = pid % n_groups
+    row0 = rb * BLOCK_M
+    rows, mask_m, qrow = _tile_rows(row0, T, L, INDEX_64, BLOCK_M)
+    s_lo = row0 // L
+    q, j, c, e, g, live = _slot_columns(idx_ptr, gate_ptr, s_lo, n_samples, k, r, SAMPLES, SLOTS, BLOCK_R)
+    own = (qrow[:, None] == q[None, :]) & live[None, :] & mask_m[:, None]
+    qb, jb, eb, gb, liveb = _slot_lanes(idx_ptr, gate_ptr, s_lo, n_samples, k, SAMPLES, SB)
+    gown = tl.where((qrow[:, None] == qb[None, :]) & liveb[None, :], gb[None, :], 0.0).to(OP_DT)
+
+    tiles_per_group = tl.cdiv(tl.cdiv(d_out, BLOCK_N), n_groups)
+    n_first = grp * tiles_per_group * BLOCK_N
+    n_stop = tl.minimum(d_out, n_first + tiles_per_group * BLOCK_N)
+    offs_n = n_first + tl.arange(0, BLOCK_N)
+    # ---- first N tile: the base GEMM and the shrink share the K loop over x
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC_DT)
+    hacc = tl.zeros((BLOCK_M, SLOTS * BLOCK_R), dtype=ACC_DT)
+    offs_k = tl.arange(0, BLOCK_K)
+    x_ptrs = x_ptr + rows[:, None] * stride_x_t + offs_k[None, :]
+    w_ptrs = w0_ptr + offs_k[:, None] + (offs_n % d_out)[None, :] * d_in
+    a_ptrs = a_ptr + e[None, :] * d_in * r + offs_k[:, None] * r + c[None, :]
+    for k0 in range(0, d_in, BLOCK_K):
+        mk = (k0 + offs_k) < d_in
+        xt = tl.load(x_ptrs, mask=mk[None, :], other=0.0).to(OP_DT)
+        if HAS_BASE:
+            wt = tl.load(w_ptrs, mask=mk[:, None], other=0.0).to(OP_DT)
+            acc = tl.dot(xt, wt, acc, input_precision=PRECISION, out_dtype=ACC_DT)
+        at = tl.load(a_ptrs, mask=mk[:, None] & live[None, :], other=0.0).to(OP_DT)
+        hacc = tl.dot(xt, at, hacc, input_precision=PRECISION, out_dtype=ACC_DT)
+        x_ptrs += BLOCK_K
+        w_ptrs += BLOCK_K
+        a_ptrs += BLOCK_K * r
+    if HAS_BA:
+        hacc += tl.load(ba_ptr + e * r + c, mask=live, other=0.0).to(ACC_DT)[None, :]
+    # the pre-activation of each row's own k slots, once (group 0)
+    tl.store(hpre_ptr + rows[:, None] * (k * r) + j[None, :] * r + c[None, :], hacc, mask=own & (grp == 0))
+    if ACTIVATION == 1:
+        hacc = tl.maximum(hacc, 0.0)
+    coef = tl.where(own, hacc * g[None, :], 0.0).to(OP_DT)
+    _expand_store(acc, coef, gown, b_ptr, r * d_out, d_out, 1, bb_ptr, eb, liveb, b0_ptr, e, c, live, y_ptr,
+                  stride_y_t, rows, mask_m, offs_n, d_out, HAS_BB, HAS_B0, OP_DT, ACC_DT, PRECISION)
+    # ---- the group's other N tiles: base GEMM + expansion with the same coefficients
+    for n0 in range(n_first + BLOCK_N, n_stop, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC_DT)
+        if HAS_BASE:
+            acc = _base_tile(acc, x_ptr, stride_x_t, rows, w0_ptr, 1, d_in, offs_n, d_out, d_in, OP_DT, ACC_DT,
+                             PRECISION, BLOCK_K)
+        _expand_store(acc, coef, gown, b_ptr, r * d_out, d_out, 1, bb_ptr, eb, liveb, b0_ptr, e, c, live, y_ptr,
+                      stride_y_t, rows, mask_m, offs_n, d_out, HAS_BB, HAS_B0, OP_DT, ACC_DT, PRECISION)
+
+
+# --------------------------------------------------------------------------------------------- backward
+@triton.jit
+def _main_part(
+    mi, dy_ptr, w0_ptr, a_ptr, b_ptr, bb_ptr, idx_ptr, gate_ptr, hpre_ptr, d_ptr, dgtok_ptr, dx_ptr,
+    T, d_in, d_out, r, k, L, n_samples, stride_dy_t, stride_dx_t, n_groups,
+    T_IN_LOOP: tl.constexpr, NEED_DX: tl.constexpr, STORE_D: tl.constexpr, NEED_DGATE: tl.constexpr,
+    HAS_BASE: tl.constexpr, HAS_BB: tl.constexpr, ACTIVATION: tl.constexpr, OP_DT: tl.constexpr,
+    ACC_DT: tl.constexpr, PRECISION: tl.constexpr, INDEX_64: tl.constexpr, SAMPLES: tl.constexpr,
+    SLOTS: tl.constexpr, SB: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+):
+    """One row block x N-group of dx = dy W0 + sum_j D_j A_e^T; with T_IN_LOOP also t = dy B_e^T (in the first
+    tile's K loop over dy), D = g t phi'(h) and the per-token d gate terms."""
+    rb = mi // n_groups
+    grp = mi % n_groups
+    row0 = rb * BLOCK_M
+    rows, mask_m, qrow = _tile_rows(row0, T, L, INDEX_64, BLOCK_M)
+    s_lo = row0 // L
+    q, j, c, e, g, live = _slot_columns(idx_ptr, gate_ptr, s_lo, n_samples, k, r, SAMPLES, SLOTS, BLOCK_R)
+    own = (qrow[:, None] == q[None, :]) & live[None, :] & mask_m[:, None]
+    rank_off = rows[:, None] * (k * r) + j[None, :] * r + c[None, :]  # (row, j, c) in the (T, k, r) layouts
+    tiles_per_group = tl.cdiv(tl.cdiv(d_in, BLOCK_N), n_groups)
+    n_first = grp * tiles_per_group * BLOCK_N
+    n_stop = tl.minimum(d_in, n_first + tiles_per_group * BLOCK_N)
+    offs_n = n_first + tl.arange(0, BLOCK_N)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC_DT)
+    if T_IN_LOOP:
+        qb, jb, eb, gb, liveb = _slot_lanes(idx_ptr, gate_ptr, s_lo, n_samples, k, SAMPLES, SB)
+        tacc = tl.zeros((BLOCK_M, SLOTS * BLOCK_R), dtype=ACC_DT)
+        uacc = tl.zeros((BLOCK_M, SB), dtype=ACC_DT)
+        offs_k = tl.arange(0, BLOCK_K)
+        dy_ptrs = dy_ptr + rows[:, None] * stride_dy_t + offs_k[None, :]
+        w_ptrs = w0_ptr + offs_k[:, None] * d_in + (offs_n % d_in)[None, :]
+        b_ptrs = b_ptr + e[None, :] * r * d_out + c[None, :] * d_out + offs_k[:, None]
+        bb_ptrs = bb_ptr + eb[None, :] * d_out + offs_k[:, None]
+        for k0 in range(0, d_out, BLOCK_K):
+            mk = (k0 + offs_k) < d_out
+            dyt = tl.load(dy_ptrs, mask=mk[None, :], other=0.0).to(OP_DT)
+            if NEED_DX:
+                if HAS_BASE:
+                    wt = tl.load(w_ptrs, mask=mk[:, None], other=0.0).to(OP_DT)
+                    acc = tl.dot(dyt, wt, acc, input_precision=PRECISION, out_dtype=ACC_DT)
+            bt = tl.load(b_ptrs, mask=mk[:, None] & live[None, :], other=0.0).to(OP_DT)  # (BLOCK_K, SLOTS R)
+            tacc = tl.dot(dyt, bt, tacc, input_precision=PRECISION, out_dtype=ACC_DT)
+            if HAS_BB:
+                if NEED_DGATE:
+                    bbt = tl.load(bb_ptrs, mask=mk[:, None] & liveb[None, :], other=0.0).to(OP_DT)
+                    uacc = tl.dot(dyt, bbt, uacc, input_precision=PRECISION, out_dtype=ACC_DT)
+            dy_ptrs += BLOCK_K
+            w_ptrs += BLOCK_K * d_in
+            b_ptrs += BLOCK_K
+            bb_ptrs += BLOCK_K
+        h = tl.load(hpre_ptr + rank_off, mask=own, other=0.0).to(ACC_DT)
+        if ACTIVATION == 1:
+            phi = tl.maximum(h, 0.0)
+        else:
+            phi = h
+        if NEED_DGATE:
+            # d gate[t, slot] = <phi(h), t> over the slot's r columns (+ <dy, bb_e>): a 0/1 selection MMA in the
+            # accumulation dtype ("ieee": exact products, no TF32 rounding)
+            col = tl.arange(0, SLOTS * BLOCK_R)
+            sel = ((col[:, None] // BLOCK_R) == tl.arange(0, SB)[None, :]).to(ACC_DT)
+            dg = tl.dot(tl.where(own, phi * tacc, 0.0), sel, uacc, input_precision="ieee", out_dtype=ACC_DT)
+            ownb = (qrow[:, None] == qb[None, :]) & liveb[None, :] & mask_m[:, None]
+            tl.store(dgtok_ptr + rows[:, None] * k + jb[None, :], dg, mask=ownb & (grp == 0))
+        dd = tacc * g[None, :]
+        if ACTIVATION == 1:
+            dd = tl.where(h > 0.0, dd, 0.0)
+        dd = tl.where(own, dd, 0.0)
+        if STORE_D:
+            tl.store(d_ptr + rank_off, dd, mask=own & (grp == 0))
+    else:
+        dd = tl.load(d_ptr + rank_off, mask=own, other=0.0).to(ACC_DT)
+        if NEED_DX:
+            if HAS_BASE:
+                acc = _base_tile(acc, dy_ptr, stride_dy_t, rows, w0_ptr, d_in, 1, offs_n, d_in, d_out, OP_DT,
+                                 ACC_DT, PRECISION, BLOCK_K)
+    if NEED_DX:
+        coef = dd.to(OP_DT)
+        _expand_store(acc, coef, coef, a_ptr, d_in * r, 1, r, a_ptr, e, live, a_ptr, e, c, live, dx_ptr,
+                      stride_dx_t, rows, mask_m, offs_n, d_in, False, False, OP_DT, ACC_DT, PRECISION)
+        for n0 in range(n_first + BLOCK_N, n_stop, BLOCK_N):
+            offs_n = n0 + tl.arange(0, BLOCK_N)
+            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC_DT)
+            if HAS_BASE:
+                acc = _base_tile(acc, dy_ptr, stride_dy_t, rows, w0_ptr, d_in, 1, offs_n, d_in, d_out, OP_DT,
+                                 ACC_DT, PRECISION, BLOCK_K)
+            _expand_store(acc, coef, coef, a_ptr, d_in * r, 1, r, a_ptr, e, live, a_ptr, e, c, live, dx_ptr,
+                          stride_dx_t, rows, mask_m, offs_n, d_in, False, False, OP_DT, ACC_DT, PRECISION)
+
+
+@triton.jit
+def _weight_grad_part(
+    si, act_ptr, stride_act, N, n_tiles, coef_ptr, gate_ptr, pairs_ptr, pair_off_ptr, out_ptr, s_on, s_or,
+    bias_ptr, k, r, L, INDEX_64: tl.constexpr, ROLE_A: tl.constexpr, NEED_W: tl.constexpr, NEED_BIAS: tl.constexpr,
+    ACTIVATION: tl.constexpr, OP_DT: tl.constexpr, ACC_DT: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_WN: tl.constexpr, BLOCK_L: tl.constexpr,
+):
+    """Expert-major grouped GEMM over expert e's samples, one (e, N tile) per program:
+    out[e][n, c] = sum over pairs (s, j) of e, rows l of s: act[s L + l, n] * coef[s L + l, j, c], with
+    coef = D (ROLE_A: dA, d ba = column sums) or g phi(h) (dB, d bb[n] = sum g dy). Written straight into
+    the gradient (elements (n, c) at n s_on + c s_or), in a fixed order: deterministic, no partials."""
+    e = si // n_tiles
+    nt = si % n_tiles
+    lo = tl.load(pair_off_ptr + e)
+    hi = tl.load(pair_off_ptr + e + 1)
+    offs_n = nt * BLOCK_WN + tl.arange(0, BLOCK_WN)
+    mask_n = offs_n < N
+    offs_r = tl.arange(0, BLOCK_R)
+    mask_r = offs_r < r
+    offs_l = tl.arange(0, BLOCK_L)
+    acc = tl.zeros((BLOCK_WN, BLOCK_R), dtype=ACC_DT)
+    bias_r = tl.zeros((BLOCK_R,), dtype=ACC_DT)
+    bias_n = tl.zeros((BLOCK_WN,), dtype=ACC_DT)
+    for p in range(lo, hi):
+        pair = tl.load(pairs_ptr + p)
+        s = pair // k
+        jj = pair % k
+        if INDEX_64:
+            s = s.to(tl.int64)
+        gs = tl.load(gate_ptr + pair).to(ACC_DT)
+        for l0 in range(0, L, BLOCK_L):
+            ml = (l0 + offs_l) < L
+            rows = s * L + l0 + offs_l
+            cf = tl.load(coef_ptr + rows[:, None] * (k * r) + jj * r + offs_r[None, :],
+                         mask=ml[:, None] & mask_r[None, :], other=0.0).to(ACC_DT)
+            if not ROLE_A:
+                if ACTIVATION == 1:
+                    cf = tl.maximum(cf, 0.0)
+                cf = cf * gs
+            if NEED_W or not ROLE_A:
+                at = tl.load(act_ptr + rows[:, None] * stride_act + offs_n[None, :],
+                             mask=ml[:, None] & mask_n[None, :], other=0.0)
+                if NEED_W:
+                    acc = tl.dot(tl.trans(at.to(OP_DT)), cf.to(OP_DT), acc, input_precision=PRECISION,
+                                 out_dtype=ACC_DT)
+                if not ROLE_A:
+                    if NEED_BIAS:
+                        bias_n += tl.sum(at.to(ACC_DT), axis=0) * gs
+            if ROLE_A:
+                if NEED_BIAS:
+                    bias_r += tl.sum(cf, axis=0)
+    e64 = e.to(tl.int64)
+    if NEED_W:
+        tl.store(out_ptr + e64 * N * r + offs_n[:, None] * s_on + offs_r[None, :] * s_or,
+                 acc.to(out_ptr.dtype.element_ty), mask=mask_n[:, None] & mask_r[None, :])
+    if NEED_BIAS:
+        if ROLE_A:
+            tl.store(bias_ptr + e64 * r + offs_r, bias_r.to(bias_ptr.dtype.element_ty), mask=mask_r & (nt == 0))
+        else:
+            tl.store(bias_ptr + e64 * N + offs_n, bias_n.to(bias_ptr.dtype.element_ty), mask=mask_n)
+
+
+@triton.jit
+def _ps_bwd_kernel(
+    dy_ptr,  # (T, d_out) output gradient, x's dtype
+    x_ptr,  # (T, d_in) activations (SIDE_A)
+    w0_ptr,  # (d_out, d_in) frozen base weight in x's dtype (dummy when HAS_BASE is False)
+    a_ptr,  # (E, d_in, r) A
+    b_ptr,  # (E, r, d_out) B
+    bb_ptr,  # (E, d_out) expert output bias (dummy when HAS_BB is False)
+    idx_ptr,  # (n_samples, k) int32/int64 routing
+    gate_ptr,  # (n_samples, k) ACC_DT gate = scale * topk_w
+    hpre_ptr,  # (T, k, r) ACC_DT saved pre-activation
+    d_ptr,  # (T, k, r) ACC_DT D = g t phi'(h): written by T_IN_LOOP programs (STORE_D), read otherwise and by SIDE_A
+    dgtok_ptr,  # (T, k) ACC_DT out: per-token d gate terms (summed per sample by the launcher)
+    dx_ptr,  # (T, d_in) out, x's dtype
+    pairs_ptr,  # (n_samples k,) int32 sample-expert pairs sorted by expert (_ps_pairs_kernel)
+    pair_off_ptr,  # (E + 1,) int32 first pair of each expert
+    da_ptr,  # (E, d_in, r) out: dA, A's dtype
+    dba_ptr,  # (E, r) out: d bias_a
+    db_ptr,  # (E, r, d_out) out: dB, B's dtype
+    dbb_ptr,  # (E, d_out) out: d bias_b
+    T,
+    d_in,
+    d_out,
+    r,
+    E,
+    k,
+    L,
+    n_samples,
+    stride_x_t,
+    stride_dy_t,
+    stride_dx_t,
+    n_groups,  # MAIN programs: row blocks x n_groups (the counts below are recomputed by the launcher's grid)
+    t_bucket,  # autotune key only (bucketed T)
+    OP_ELT,  # pruner only
+    LORA_ELT,  # pruner only
+    T_IN_LOOP: tl.constexpr,
+    NEED_DX: tl.constexpr,
+    STORE_D: tl.constexpr,
+    NEED_DGATE: tl.constexpr,
+    NEED_DA: tl.constexpr,
+    NEED_DBA: tl.constexpr,
+    NEED_DB: tl.constexpr,
+    NEED_DBB: tl.constexpr,
+    HAS_MAIN: tl.constexpr,
+    HAS_SIDE_A: tl.constexpr,
+    HAS_SIDE_B: tl.constexpr,
+    HAS_BASE: tl.constexpr,
+    HAS_BB: tl.constexpr,
+    ACTIVATION: tl.constexpr,
+    OP_DT: tl.constexpr,
+    ACC_DT: tl.constexpr,
+    PRECISION: tl.constexpr,
+    INDEX_64: tl.constexpr,
+    SAMPLES: tl.constexpr,
+    SLOTS: tl.constexpr,
+    SB: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_WN: tl.constexpr,
+    BLOCK_L: tl.constexpr,
+):
+    """One backward launch: MAIN dgrad / rank programs and SIDE weight-gradient programs, interleaved so program
+    i is a SIDE program iff floor((i+1) S / P) > floor(i S / P) (S side, P total programs): the memory-bound
+    weight-gradient programs are spread over the whole launch instead of queuing after the GEMM tiles."""
+    pid = tl.program_id(0).to(tl.int64)
+    n_main = 0
+    if HAS_MAIN:
+        n_main = tl.cdiv(T, BLOCK_M) * n_groups
+    tiles_a = 1  # d ba alone needs one program per expert
+    if NEED_DA:
+        tiles_a = tl.cdiv(d_in, BLOCK_WN)
+    n_side_a = 0
+    if HAS_SIDE_A:
+        n_side_a = E * tiles_a
+    tiles_b = tl.cdiv(d_out, BLOCK_WN)
+    n_side_b = 0
+    if HAS_SIDE_B:
+        n_side_b = E * tiles_b
+    n_side = n_side_a + n_side_b
+    total = n_main + n_side
+    before = (pid * n_side) // total
+    after = ((pid + 1) * n_side) // total
+    if after > before:
+        si = before
+        if HAS_SIDE_A:
+            if si < n_side_a:
+                _weight_grad_part(si, x_ptr, stride_x_t, d_in, tiles_a, d_ptr, gate_ptr, pairs_ptr, pair_off_ptr,
+                                  da_ptr, r, 1, dba_ptr, k, r, L, INDEX_64, True, NEED_DA, NEED_DBA, ACTIVATION,
+                                  OP_DT, ACC_DT, PRECISION, BLOCK_R, BLOCK_WN, BLOCK_L)
+        if HAS_SIDE_B:
+            if si >= n_side_a:
+                _weight_grad_part(si - n_side_a, dy_ptr, stride_dy_t, d_out, tiles_b, hpre_ptr, gate_ptr, pairs_ptr,
+                                  pair_off_ptr, db_ptr, 1, d_out, dbb_ptr, k, r, L, INDEX_64, False, NEED_DB,
+                                  NEED_DBB, ACTIVATION, OP_DT, ACC_DT, PRECISION, BLOCK_R, BLOCK_WN, BLOCK_L)
+    else:
+        if HAS_MAIN:
+            _main_part(pid - before, dy_ptr, w0_ptr, a_ptr, b_ptr, bb_ptr, idx_ptr, gate_ptr, hpre_ptr, d_ptr,
+                       dgtok_ptr, dx_ptr, T, d_in, d_out, r, k, L, n_samples, stride_dy_t, stride_dx_t, n_groups,
+                       T_IN_LOOP, NEED_DX, STORE_D, NEED_DGATE, HAS_BASE, HAS_BB, ACTIVATION,
+                       OP_DT, ACC_DT, PRECISION, INDEX_64, SAMPLES, SLOTS, SB, BLOCK_M, BLOCK_N, BLOCK_K, BLOCK_R)
+
+
+# --------------------------------------------------------------------------------------------- metadata
+@triton.jit
+def _ps_pairs_kernel(
+    idx_ptr,  # (P,) int32/int64 flattened (n_samples, k) routing: pair p = s k + j uses expert idx[p]
+    pairs_ptr,  # (P,) int32 out: pairs sorted by expert, stable (ties keep sample order)
+    pair_off_ptr,  # (E + 1,) int32 out: first sorted position of each expert, pair_off[E] = P
+    P,
+    E,
+    E_PAD: tl.constexpr,
+    CHUNK: tl.constexpr,
+):
+    """A stable counting sort of the B k pairs by expert in one program: counts, exclusive scan, then each
+    pair's position = its expert's next free slot + its rank among the chunk's earlier pairs of that expert."""
+    lanes = tl.arange(0, E_PAD)
+    offs = tl.arange(0, CHUNK)
+    counts = tl.zeros((E_PAD,), dtype=tl.int32)
+    for c0 in range(0, P, CHUNK):
+        m = (c0 + offs) < P
+        ex = tl.load(idx_ptr + c0 + offs, mask=m, other=-1).to(tl.int32)
+        counts += tl.sum((ex[:, None] == lanes[None, :]).to(tl.int32), axis=0)
+    start = tl.cumsum(counts, 0) - counts
+    tl.store(pair_off_ptr + lanes, start, mask=lanes <= E)
+    for c0 in range(0, P, CHUNK):
+        m = (c0 + offs) < P
+        ex = tl.load(idx_ptr + c0 + offs, mask=m, other=-1).to(tl.int32)
+        hit = ex[:, None] == lanes[None, :]
+        base = tl.sum(tl.where(hit, start[None, :], 0), axis=1)
+        earlier = (ex[:, None] == ex[None, :]) & (offs[None, :] < offs[:, None]) & m[None, :]
+        rank = tl.sum(earlier.to(tl.int32), axis=1)
+        tl.store(pairs_ptr + base + rank, c0 + offs, mask=m)
+        start += tl.sum(hit.to(tl.int32), axis=0)
