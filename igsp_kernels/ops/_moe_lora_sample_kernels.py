@@ -10,6 +10,11 @@ side by side on a rank axis of SLOTS x BLOCK_R columns (column = slot BLOCK_R + 
 gathered [A_e(slot 0) | A_e(slot 1) | ...] (BLOCK_K x SLOTS BLOCK_R) gives every row's projection on every slot; a
 row keeps its own sample's k slots (the `own` mask) and zeroes the others, so the next MMA (expansion by the
 gathered B or A^T) adds exactly its k experts. One program serves all k experts of its rows, and x / dy stream once.
+A tile inside one sample (36 % of 128-row tiles at L = 197) takes a second code path with only its k slots
+(SLOTS1 = next_pow2(k) columns of rank): the slot MMAs of those tiles cost half.
+Gates are computed in the kernels, g = topk_w * scale, with scale split in two fp32 halves (scale_hi + scale_lo) so
+fp64 runs stay exact to ~1e-15 (a float kernel argument is fp32), and d topk_w comes back already scaled: no torch
+op runs beside the kernels.
 
 Kernels:
 - `_ps_fwd_kernel`: y = x W0^T + b0 + sum_j g phi(x A_e + ba) B_e + g bb_e, the shrink x A riding in the first N
@@ -46,23 +51,33 @@ def sample_gemm_configs() -> list[triton.Config]:
     BLOCK_M is not here: it fixes the slot layout (SAMPLES), so the launcher chooses it from the rank
     (`moe_lora_sample.row_block`). BLOCK_WN x BLOCK_L is the activation tile of the weight-gradient programs.
     """
-    def cfg(bn: int, bk: int, warps: int, stages: int, wn: int = 64, bl: int = 64) -> triton.Config:
+    def cfg(bn: int, bk: int, warps: int, stages: int, wn: int = 64, bl: int = 32) -> triton.Config:
         return triton.Config({"BLOCK_N": bn, "BLOCK_K": bk, "BLOCK_WN": wn, "BLOCK_L": bl}, num_warps=warps,
                              num_stages=stages)
 
+    # BLOCK_L = 32: a 197-token sample is 7 row chunks (224 rows, 14 % padding in the weight-gradient MMAs; 64-row
+    # chunks would pad 30 %, and those MMAs ride in a compute-bound launch).
     return [
         cfg(128, 64, 8, 3),
         cfg(128, 64, 4, 3),
         cfg(128, 32, 4, 4),
-        cfg(64, 64, 4, 3, 64, 32),
-        cfg(256, 64, 8, 3, 128, 64),
-        cfg(64, 32, 4, 2, 32, 32),
+        cfg(64, 64, 4, 3),
+        cfg(256, 64, 8, 3, 128, 32),
+        cfg(64, 32, 4, 2, 32, 16),
     ]
 
 
 # Under TRITON_INTERPRET: small tiles so the test shapes (d ~ 20..48, L ~ 9..37) span several tiles and row chunks.
 INTERPRET_SAMPLE_GEMM = triton.Config({"BLOCK_N": 32, "BLOCK_K": 32, "BLOCK_WN": 32, "BLOCK_L": 16}, num_warps=4,
                                       num_stages=1)
+
+
+def pairs_configs() -> list[triton.Config]:
+    """The one-program pair sort: CHUNK pairs per step (a CHUNK x CHUNK rank matrix: 128 x 128 int32 over 4 warps)."""
+    return [triton.Config({"CHUNK": 128}, num_warps=4, num_stages=1)]
+
+
+INTERPRET_PAIRS = triton.Config({"CHUNK": 64}, num_warps=4, num_stages=1)
 
 
 def prune_sample_configs(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
@@ -90,10 +105,17 @@ def prune_sample_configs(configs: list[triton.Config], named_args: dict, **kwarg
 
 # --------------------------------------------------------------------------------------------- helpers
 @triton.jit
-def _slot_columns(idx_ptr, gate_ptr, s_lo, n_samples, k, r, SAMPLES: tl.constexpr, SLOTS: tl.constexpr,
-                  BLOCK_R: tl.constexpr):
+def _gates(w_ptr, off, mask, scale_hi, scale_lo, ACC_DT: tl.constexpr):
+    """g = topk_w * scale in the accumulation dtype (scale = scale_hi + scale_lo, two fp32 halves)."""
+    w = tl.load(w_ptr + off, mask=mask, other=0.0).to(ACC_DT)
+    return w * scale_hi + w * scale_lo
+
+
+@triton.jit
+def _slot_columns(idx_ptr, w_ptr, scale_hi, scale_lo, s_lo, n_samples, k, r, SAMPLES: tl.constexpr,
+                  SLOTS: tl.constexpr, BLOCK_R: tl.constexpr, ACC_DT: tl.constexpr):
     """Per column of the slot axis (SLOTS * BLOCK_R): (sample offset q, slot's j, rank index c, expert, gate,
-    valid). idx_ptr / gate_ptr: (n_samples, k) routing and gates."""
+    valid). idx_ptr / w_ptr: (n_samples, k) routing and weights."""
     col = tl.arange(0, SLOTS * BLOCK_R)
     slot = col // BLOCK_R
     c = col % BLOCK_R
@@ -102,12 +124,13 @@ def _slot_columns(idx_ptr, gate_ptr, s_lo, n_samples, k, r, SAMPLES: tl.constexp
     sample = s_lo + q
     live = (slot < SAMPLES * k) & (sample < n_samples)
     e = tl.load(idx_ptr + sample * k + j, mask=live, other=0).to(tl.int64)
-    g = tl.load(gate_ptr + sample * k + j, mask=live, other=0.0)
+    g = _gates(w_ptr, sample * k + j, live, scale_hi, scale_lo, ACC_DT)
     return q, j, c, e, g, live & (c < r)
 
 
 @triton.jit
-def _slot_lanes(idx_ptr, gate_ptr, s_lo, n_samples, k, SAMPLES: tl.constexpr, SB: tl.constexpr):
+def _slot_lanes(idx_ptr, w_ptr, scale_hi, scale_lo, s_lo, n_samples, k, SAMPLES: tl.constexpr, SB: tl.constexpr,
+                ACC_DT: tl.constexpr):
     """Per lane of a slot vector padded to SB (>= 16, the smallest MMA width): (q, j, expert, gate, valid)."""
     sb = tl.arange(0, SB)
     q = sb // k
@@ -115,7 +138,7 @@ def _slot_lanes(idx_ptr, gate_ptr, s_lo, n_samples, k, SAMPLES: tl.constexpr, SB
     sample = s_lo + q
     live = (sb < SAMPLES * k) & (sample < n_samples)
     e = tl.load(idx_ptr + sample * k + j, mask=live, other=0).to(tl.int64)
-    g = tl.load(gate_ptr + sample * k + j, mask=live, other=0.0)
+    g = _gates(w_ptr, sample * k + j, live, scale_hi, scale_lo, ACC_DT)
     return q, j, e, g, live
 
 
@@ -130,6 +153,12 @@ def _tile_rows(row0, T, L, INDEX_64: tl.constexpr, BLOCK_M: tl.constexpr):
         rows = rows.to(tl.int64)
     qrow = offs_m // L - row0 // L
     return rows, mask_m, qrow
+
+
+@triton.jit
+def _single_sample(row0, T, L, BLOCK_M: tl.constexpr):
+    """True when the tile's rows all belong to one sample (the k-slot code path)."""
+    return (row0 // L) == (tl.minimum(row0 + BLOCK_M, T) - 1) // L
 
 
 @triton.jit
@@ -171,62 +200,21 @@ def _base_tile(acc, inp_ptr, stride_inp, rows, w_ptr, s_wk, s_wn, offs_n, N, K, 
 
 # --------------------------------------------------------------------------------------------- forward
 @triton.jit
-def _ps_fwd_kernel(
-    x_ptr,  # (T, d_in) activations
-    w0_ptr,  # (d_out, d_in) frozen base weight in x's dtype (dummy when HAS_BASE is False)
-    b0_ptr,  # (d_out,) frozen base bias (dummy when HAS_B0 is False)
-    a_ptr,  # (E, d_in, r) A, contiguous, any float dtype
-    b_ptr,  # (E, r, d_out) B, contiguous
-    ba_ptr,  # (E, r) expert input bias (dummy when HAS_BA is False)
-    bb_ptr,  # (E, d_out) expert output bias (dummy when HAS_BB is False)
-    idx_ptr,  # (n_samples, k) int32/int64 routing of each sample
-    gate_ptr,  # (n_samples, k) ACC_DT gate = scale * topk_w
-    y_ptr,  # (T, d_out) out, x's dtype
-    hpre_ptr,  # (T, k, r) ACC_DT out: pre-activation x A_e + ba_e of each row's k experts
-    T,
-    d_in,
-    d_out,
-    r,
-    E,
-    k,
-    L,  # tokens per sample
-    n_samples,
-    stride_x_t,
-    stride_y_t,
-    n_groups,  # N-groups per row block (each recomputes the shrink; see moe_lora_sample.n_groups)
-    t_bucket,  # autotune key only (bucketed T)
-    OP_ELT,  # pruner only: bytes of an activation value
-    LORA_ELT,  # pruner only: bytes of an A / B value
-    HAS_BASE: tl.constexpr,
-    HAS_B0: tl.constexpr,
-    HAS_BA: tl.constexpr,
-    HAS_BB: tl.constexpr,
-    ACTIVATION: tl.constexpr,
-    OP_DT: tl.constexpr,
-    ACC_DT: tl.constexpr,
-    PRECISION: tl.constexpr,
-    INDEX_64: tl.constexpr,
-    SAMPLES: tl.constexpr,
-    SLOTS: tl.constexpr,
-    SB: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-    BLOCK_R: tl.constexpr,
-    BLOCK_WN: tl.constexpr,
-    BLOCK_L: tl.constexpr,
+def _fwd_rows(
+    row0, grp, x_ptr, w0_ptr, b0_ptr, a_ptr, b_ptr, ba_ptr, bb_ptr, idx_ptr, w_ptr, scale_hi, scale_lo, y_ptr,
+    hpre_ptr, T, d_in, d_out, r, k, L, n_samples, stride_x_t, stride_y_t, n_groups,
+    HAS_BASE: tl.constexpr, HAS_B0: tl.constexpr, HAS_BA: tl.constexpr, HAS_BB: tl.constexpr,
+    ACTIVATION: tl.constexpr, OP_DT: tl.constexpr, ACC_DT: tl.constexpr, PRECISION: tl.constexpr,
+    INDEX_64: tl.constexpr, SAMPLES: tl.constexpr, SLOTS: tl.constexpr, SB: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
-    """Semantics: y[t] = x[t] W0^T + b0 + sum_j g[s,j] (phi(x[t] A[e] + ba[e]) B[e] + bb[e]), s = t // L,
-    e = idx[s, j]; one program = a row block and a group of N tiles."""
-    pid = tl.program_id(0)
-    rb = pid // n_groups
-    grp = pid % n_groups
-    row0 = rb * BLOCK_M
+    """The forward of one row block and N-group with a slot axis of SAMPLES x k slots."""
     rows, mask_m, qrow = _tile_rows(row0, T, L, INDEX_64, BLOCK_M)
     s_lo = row0 // L
-    q, j, c, e, g, live = _slot_columns(idx_ptr, gate_ptr, s_lo, n_samples, k, r, SAMPLES, SLOTS, BLOCK_R)
+    q, j, c, e, g, live = _slot_columns(idx_ptr, w_ptr, scale_hi, scale_lo, s_lo, n_samples, k, r, SAMPLES, SLOTS,
+                                        BLOCK_R, ACC_DT)
     own = (qrow[:, None] == q[None, :]) & live[None, :] & mask_m[:, None]
-    qb, jb, eb, gb, liveb = _slot_lanes(idx_ptr, gate_ptr, s_lo, n_samples, k, SAMPLES, SB)
+    qb, jb, eb, gb, liveb = _slot_lanes(idx_ptr, w_ptr, scale_hi, scale_lo, s_lo, n_samples, k, SAMPLES, SB, ACC_DT)
     gown = tl.where((qrow[:, None] == qb[None, :]) & liveb[None, :], gb[None, :], 0.0).to(OP_DT)
 
     tiles_per_group = tl.cdiv(tl.cdiv(d_out, BLOCK_N), n_groups)
@@ -271,11 +259,79 @@ def _ps_fwd_kernel(
                       stride_y_t, rows, mask_m, offs_n, d_out, HAS_BB, HAS_B0, OP_DT, ACC_DT, PRECISION)
 
 
+@triton.jit
+def _ps_fwd_kernel(
+    x_ptr,  # (T, d_in) activations
+    w0_ptr,  # (d_out, d_in) frozen base weight in x's dtype (dummy when HAS_BASE is False)
+    b0_ptr,  # (d_out,) frozen base bias (dummy when HAS_B0 is False)
+    a_ptr,  # (E, d_in, r) A, contiguous, any float dtype
+    b_ptr,  # (E, r, d_out) B, contiguous
+    ba_ptr,  # (E, r) expert input bias (dummy when HAS_BA is False)
+    bb_ptr,  # (E, d_out) expert output bias (dummy when HAS_BB is False)
+    idx_ptr,  # (n_samples, k) int32/int64 routing of each sample
+    w_ptr,  # (n_samples, k) topk_w, any float dtype (gate = topk_w * scale)
+    scale_hi,  # fp32: scale = scale_hi + scale_lo
+    scale_lo,
+    y_ptr,  # (T, d_out) out, x's dtype
+    hpre_ptr,  # (T, k, r) ACC_DT out: pre-activation x A_e + ba_e of each row's k experts
+    T,
+    d_in,
+    d_out,
+    r,
+    E,
+    k,
+    L,  # tokens per sample
+    n_samples,
+    stride_x_t,
+    stride_y_t,
+    n_groups,  # N-groups per row block (each recomputes the shrink; see moe_lora_sample.n_groups)
+    t_bucket,  # autotune key only (bucketed T)
+    OP_ELT,  # pruner only: bytes of an activation value
+    LORA_ELT,  # pruner only: bytes of an A / B value
+    HAS_BASE: tl.constexpr,
+    HAS_B0: tl.constexpr,
+    HAS_BA: tl.constexpr,
+    HAS_BB: tl.constexpr,
+    ACTIVATION: tl.constexpr,
+    OP_DT: tl.constexpr,
+    ACC_DT: tl.constexpr,
+    PRECISION: tl.constexpr,
+    INDEX_64: tl.constexpr,
+    SAMPLES: tl.constexpr,
+    SLOTS: tl.constexpr,
+    SB: tl.constexpr,
+    SLOTS1: tl.constexpr,
+    SB1: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_WN: tl.constexpr,
+    BLOCK_L: tl.constexpr,
+):
+    """Semantics: y[t] = x[t] W0^T + b0 + sum_j g[s,j] (phi(x[t] A[e] + ba[e]) B[e] + bb[e]), s = t // L,
+    e = idx[s, j], g = topk_w * scale; one program = a row block and a group of N tiles."""
+    pid = tl.program_id(0)
+    rb = pid // n_groups
+    grp = pid % n_groups
+    row0 = rb * BLOCK_M
+    if _single_sample(row0, T, L, BLOCK_M):
+        _fwd_rows(row0, grp, x_ptr, w0_ptr, b0_ptr, a_ptr, b_ptr, ba_ptr, bb_ptr, idx_ptr, w_ptr, scale_hi, scale_lo,
+                  y_ptr, hpre_ptr, T, d_in, d_out, r, k, L, n_samples, stride_x_t, stride_y_t, n_groups, HAS_BASE,
+                  HAS_B0, HAS_BA, HAS_BB, ACTIVATION, OP_DT, ACC_DT, PRECISION, INDEX_64, 1, SLOTS1, SB1, BLOCK_M,
+                  BLOCK_N, BLOCK_K, BLOCK_R)
+    else:
+        _fwd_rows(row0, grp, x_ptr, w0_ptr, b0_ptr, a_ptr, b_ptr, ba_ptr, bb_ptr, idx_ptr, w_ptr, scale_hi, scale_lo,
+                  y_ptr, hpre_ptr, T, d_in, d_out, r, k, L, n_samples, stride_x_t, stride_y_t, n_groups, HAS_BASE,
+                  HAS_B0, HAS_BA, HAS_BB, ACTIVATION, OP_DT, ACC_DT, PRECISION, INDEX_64, SAMPLES, SLOTS, SB,
+                  BLOCK_M, BLOCK_N, BLOCK_K, BLOCK_R)
+
+
 # --------------------------------------------------------------------------------------------- backward
 @triton.jit
-def _main_part(
-    mi, dy_ptr, w0_ptr, a_ptr, b_ptr, bb_ptr, idx_ptr, gate_ptr, hpre_ptr, d_ptr, dgtok_ptr, dx_ptr,
-    T, d_in, d_out, r, k, L, n_samples, stride_dy_t, stride_dx_t, n_groups,
+def _main_rows(
+    row0, grp, dy_ptr, w0_ptr, a_ptr, b_ptr, bb_ptr, idx_ptr, w_ptr, scale_hi, scale_lo, hpre_ptr, d_ptr, dgtok_ptr,
+    dx_ptr, T, d_in, d_out, r, k, L, n_samples, stride_dy_t, stride_dx_t, n_groups,
     T_IN_LOOP: tl.constexpr, NEED_DX: tl.constexpr, STORE_D: tl.constexpr, NEED_DGATE: tl.constexpr,
     HAS_BASE: tl.constexpr, HAS_BB: tl.constexpr, ACTIVATION: tl.constexpr, OP_DT: tl.constexpr,
     ACC_DT: tl.constexpr, PRECISION: tl.constexpr, INDEX_64: tl.constexpr, SAMPLES: tl.constexpr,
@@ -284,12 +340,10 @@ def _main_part(
 ):
     """One row block x N-group of dx = dy W0 + sum_j D_j A_e^T; with T_IN_LOOP also t = dy B_e^T (in the first
     tile's K loop over dy), D = g t phi'(h) and the per-token d gate terms."""
-    rb = mi // n_groups
-    grp = mi % n_groups
-    row0 = rb * BLOCK_M
     rows, mask_m, qrow = _tile_rows(row0, T, L, INDEX_64, BLOCK_M)
     s_lo = row0 // L
-    q, j, c, e, g, live = _slot_columns(idx_ptr, gate_ptr, s_lo, n_samples, k, r, SAMPLES, SLOTS, BLOCK_R)
+    q, j, c, e, g, live = _slot_columns(idx_ptr, w_ptr, scale_hi, scale_lo, s_lo, n_samples, k, r, SAMPLES, SLOTS,
+                                        BLOCK_R, ACC_DT)
     own = (qrow[:, None] == q[None, :]) & live[None, :] & mask_m[:, None]
     rank_off = rows[:, None] * (k * r) + j[None, :] * r + c[None, :]  # (row, j, c) in the (T, k, r) layouts
     tiles_per_group = tl.cdiv(tl.cdiv(d_in, BLOCK_N), n_groups)
@@ -298,7 +352,8 @@ def _main_part(
     offs_n = n_first + tl.arange(0, BLOCK_N)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC_DT)
     if T_IN_LOOP:
-        qb, jb, eb, gb, liveb = _slot_lanes(idx_ptr, gate_ptr, s_lo, n_samples, k, SAMPLES, SB)
+        qb, jb, eb, gb, liveb = _slot_lanes(idx_ptr, w_ptr, scale_hi, scale_lo, s_lo, n_samples, k, SAMPLES, SB,
+                                            ACC_DT)
         tacc = tl.zeros((BLOCK_M, SLOTS * BLOCK_R), dtype=ACC_DT)
         uacc = tl.zeros((BLOCK_M, SB), dtype=ACC_DT)
         offs_k = tl.arange(0, BLOCK_K)
@@ -364,15 +419,17 @@ def _main_part(
 
 @triton.jit
 def _weight_grad_part(
-    si, act_ptr, stride_act, N, n_tiles, coef_ptr, gate_ptr, pairs_ptr, pair_off_ptr, out_ptr, s_on, s_or,
-    bias_ptr, k, r, L, INDEX_64: tl.constexpr, ROLE_A: tl.constexpr, NEED_W: tl.constexpr, NEED_BIAS: tl.constexpr,
-    ACTIVATION: tl.constexpr, OP_DT: tl.constexpr, ACC_DT: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_R: tl.constexpr, BLOCK_WN: tl.constexpr, BLOCK_L: tl.constexpr,
+    si, act_ptr, stride_act, N, n_tiles, coef_ptr, w_ptr, scale_hi, scale_lo, pairs_ptr, pair_off_ptr, out_ptr,
+    s_on, s_or, bias_ptr, dgtok_ptr, dw_ptr, k, r, L, INDEX_64: tl.constexpr, ROLE_A: tl.constexpr,
+    NEED_W: tl.constexpr, NEED_BIAS: tl.constexpr, NEED_DGATE: tl.constexpr, ACTIVATION: tl.constexpr,
+    OP_DT: tl.constexpr, ACC_DT: tl.constexpr, PRECISION: tl.constexpr, BLOCK_R: tl.constexpr,
+    BLOCK_WN: tl.constexpr, BLOCK_L: tl.constexpr,
 ):
     """Expert-major grouped GEMM over expert e's samples, one (e, N tile) per program:
     out[e][n, c] = sum over pairs (s, j) of e, rows l of s: act[s L + l, n] * coef[s L + l, j, c], with
-    coef = D (ROLE_A: dA, d ba = column sums) or g phi(h) (dB, d bb[n] = sum g dy). Written straight into
-    the gradient (elements (n, c) at n s_on + c s_or), in a fixed order: deterministic, no partials."""
+    coef = D (ROLE_A: dA; d ba = column sums; d topk_w[s, j] = scale * sum of the d gate terms of the pair's rows)
+    or g phi(h) (dB; d bb[n] = sum g dy). Written straight into the gradients (element (n, c) at n s_on + c s_or),
+    in a fixed order: deterministic, no partials."""
     e = si // n_tiles
     nt = si % n_tiles
     lo = tl.load(pair_off_ptr + e)
@@ -391,7 +448,8 @@ def _weight_grad_part(
         jj = pair % k
         if INDEX_64:
             s = s.to(tl.int64)
-        gs = tl.load(gate_ptr + pair).to(ACC_DT)
+        gs = _gates(w_ptr, pair, True, scale_hi, scale_lo, ACC_DT)
+        dgs = tl.zeros((BLOCK_L,), dtype=ACC_DT)
         for l0 in range(0, L, BLOCK_L):
             ml = (l0 + offs_l) < L
             rows = s * L + l0 + offs_l
@@ -413,6 +471,13 @@ def _weight_grad_part(
             if ROLE_A:
                 if NEED_BIAS:
                     bias_r += tl.sum(cf, axis=0)
+                if NEED_DGATE:
+                    dgs += tl.load(dgtok_ptr + rows * k + jj, mask=ml & (nt == 0), other=0.0).to(ACC_DT)
+        if ROLE_A:
+            if NEED_DGATE:  # d topk_w = scale * d gate, summed over the sample's rows in order
+                dg = tl.sum(dgs, axis=0)
+                tl.store(dw_ptr + pair, (dg * scale_hi + dg * scale_lo).to(
+                    dw_ptr.dtype.element_ty), mask=nt == 0)
     e64 = e.to(tl.int64)
     if NEED_W:
         tl.store(out_ptr + e64 * N * r + offs_n[:, None] * s_on + offs_r[None, :] * s_or,
@@ -433,15 +498,18 @@ def _ps_bwd_kernel(
     b_ptr,  # (E, r, d_out) B
     bb_ptr,  # (E, d_out) expert output bias (dummy when HAS_BB is False)
     idx_ptr,  # (n_samples, k) int32/int64 routing
-    gate_ptr,  # (n_samples, k) ACC_DT gate = scale * topk_w
+    w_ptr,  # (n_samples, k) topk_w (gate = topk_w * scale)
+    scale_hi,  # fp32: scale = scale_hi + scale_lo
+    scale_lo,
     hpre_ptr,  # (T, k, r) ACC_DT saved pre-activation
     d_ptr,  # (T, k, r) ACC_DT D = g t phi'(h): written by T_IN_LOOP programs (STORE_D), read otherwise and by SIDE_A
-    dgtok_ptr,  # (T, k) ACC_DT out: per-token d gate terms (summed per sample by the launcher)
+    dgtok_ptr,  # (T, k) ACC_DT per-token d gate terms: written by T_IN_LOOP programs, summed per pair by SIDE_A
     dx_ptr,  # (T, d_in) out, x's dtype
     pairs_ptr,  # (n_samples k,) int32 sample-expert pairs sorted by expert (_ps_pairs_kernel)
     pair_off_ptr,  # (E + 1,) int32 first pair of each expert
     da_ptr,  # (E, d_in, r) out: dA, A's dtype
     dba_ptr,  # (E, r) out: d bias_a
+    dw_ptr,  # (n_samples, k) out: d topk_w, topk_w's dtype
     db_ptr,  # (E, r, d_out) out: dB, B's dtype
     dbb_ptr,  # (E, d_out) out: d bias_b
     T,
@@ -480,6 +548,8 @@ def _ps_bwd_kernel(
     SAMPLES: tl.constexpr,
     SLOTS: tl.constexpr,
     SB: tl.constexpr,
+    SLOTS1: tl.constexpr,
+    SB1: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -494,7 +564,7 @@ def _ps_bwd_kernel(
     n_main = 0
     if HAS_MAIN:
         n_main = tl.cdiv(T, BLOCK_M) * n_groups
-    tiles_a = 1  # d ba alone needs one program per expert
+    tiles_a = 1  # d ba / d topk_w alone need one program per expert
     if NEED_DA:
         tiles_a = tl.cdiv(d_in, BLOCK_WN)
     n_side_a = 0
@@ -512,20 +582,33 @@ def _ps_bwd_kernel(
         si = before
         if HAS_SIDE_A:
             if si < n_side_a:
-                _weight_grad_part(si, x_ptr, stride_x_t, d_in, tiles_a, d_ptr, gate_ptr, pairs_ptr, pair_off_ptr,
-                                  da_ptr, r, 1, dba_ptr, k, r, L, INDEX_64, True, NEED_DA, NEED_DBA, ACTIVATION,
-                                  OP_DT, ACC_DT, PRECISION, BLOCK_R, BLOCK_WN, BLOCK_L)
+                _weight_grad_part(si, x_ptr, stride_x_t, d_in, tiles_a, d_ptr, w_ptr, scale_hi, scale_lo, pairs_ptr,
+                                  pair_off_ptr, da_ptr, r, 1, dba_ptr, dgtok_ptr, dw_ptr, k, r, L, INDEX_64, True,
+                                  NEED_DA, NEED_DBA, NEED_DGATE, ACTIVATION, OP_DT, ACC_DT, PRECISION, BLOCK_R,
+                                  BLOCK_WN, BLOCK_L)
         if HAS_SIDE_B:
             if si >= n_side_a:
-                _weight_grad_part(si - n_side_a, dy_ptr, stride_dy_t, d_out, tiles_b, hpre_ptr, gate_ptr, pairs_ptr,
-                                  pair_off_ptr, db_ptr, 1, d_out, dbb_ptr, k, r, L, INDEX_64, False, NEED_DB,
-                                  NEED_DBB, ACTIVATION, OP_DT, ACC_DT, PRECISION, BLOCK_R, BLOCK_WN, BLOCK_L)
+                _weight_grad_part(si - n_side_a, dy_ptr, stride_dy_t, d_out, tiles_b, hpre_ptr, w_ptr, scale_hi,
+                                  scale_lo, pairs_ptr, pair_off_ptr, db_ptr, 1, d_out, dbb_ptr, dgtok_ptr, dw_ptr, k,
+                                  r, L, INDEX_64, False, NEED_DB, NEED_DBB, False, ACTIVATION, OP_DT, ACC_DT,
+                                  PRECISION, BLOCK_R, BLOCK_WN, BLOCK_L)
     else:
         if HAS_MAIN:
-            _main_part(pid - before, dy_ptr, w0_ptr, a_ptr, b_ptr, bb_ptr, idx_ptr, gate_ptr, hpre_ptr, d_ptr,
-                       dgtok_ptr, dx_ptr, T, d_in, d_out, r, k, L, n_samples, stride_dy_t, stride_dx_t, n_groups,
-                       T_IN_LOOP, NEED_DX, STORE_D, NEED_DGATE, HAS_BASE, HAS_BB, ACTIVATION,
-                       OP_DT, ACC_DT, PRECISION, INDEX_64, SAMPLES, SLOTS, SB, BLOCK_M, BLOCK_N, BLOCK_K, BLOCK_R)
+            mi = pid - before
+            row0 = (mi // n_groups) * BLOCK_M
+            grp = mi % n_groups
+            if _single_sample(row0, T, L, BLOCK_M):
+                _main_rows(row0, grp, dy_ptr, w0_ptr, a_ptr, b_ptr, bb_ptr, idx_ptr, w_ptr, scale_hi, scale_lo,
+                           hpre_ptr, d_ptr, dgtok_ptr, dx_ptr, T, d_in, d_out, r, k, L, n_samples, stride_dy_t,
+                           stride_dx_t, n_groups, T_IN_LOOP, NEED_DX, STORE_D, NEED_DGATE, HAS_BASE, HAS_BB,
+                           ACTIVATION, OP_DT, ACC_DT, PRECISION, INDEX_64, 1, SLOTS1, SB1, BLOCK_M, BLOCK_N, BLOCK_K,
+                           BLOCK_R)
+            else:
+                _main_rows(row0, grp, dy_ptr, w0_ptr, a_ptr, b_ptr, bb_ptr, idx_ptr, w_ptr, scale_hi, scale_lo,
+                           hpre_ptr, d_ptr, dgtok_ptr, dx_ptr, T, d_in, d_out, r, k, L, n_samples, stride_dy_t,
+                           stride_dx_t, n_groups, T_IN_LOOP, NEED_DX, STORE_D, NEED_DGATE, HAS_BASE, HAS_BB,
+                           ACTIVATION, OP_DT, ACC_DT, PRECISION, INDEX_64, SAMPLES, SLOTS, SB, BLOCK_M, BLOCK_N,
+                           BLOCK_K, BLOCK_R)
 
 
 # --------------------------------------------------------------------------------------------- metadata

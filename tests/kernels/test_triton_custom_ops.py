@@ -106,24 +106,23 @@ SAMPLE_CASE = MoELoRACase("opcheck_sample", 26, 33, 20, 3, 4, 2, routing="sample
 
 def sample_args(device):
     inp = make_moe_lora_inputs(SAMPLE_CASE, device=device, expert_bias=True, activation="relu", per_sample=True)
-    x, A, B = (t.detach() for t in (inp.x, inp.A, inp.B))
-    gate = (inp.topk_w.detach() * 0.5).contiguous()
-    return inp, x, A, B, gate, inp.bias_a.detach(), inp.bias_b.detach()
+    x, A, B, w = (t.detach() for t in (inp.x, inp.A, inp.B, inp.topk_w))
+    return inp, x, A, B, w, inp.bias_a.detach(), inp.bias_b.detach()
 
 
 def test_opcheck_moe_lora_sample_fwd(device):
-    inp, x, A, B, gate, ba, bb = sample_args(device)
-    args = (x, A, B, inp.topk_idx, gate, inp.base_weight, inp.base_bias, ba, bb, "relu", 13)
+    inp, x, A, B, w, ba, bb = sample_args(device)
+    args = (x, A, B, inp.topk_idx, w, 0.5, inp.base_weight, inp.base_bias, ba, bb, "relu", 13)
     torch.library.opcheck(OPS.moe_lora_sample_fwd.default, args)
 
 
 @pytest.mark.parametrize("needs", [(True,) * 6, (False, True, False, True, False, True)], ids=["all", "some"])
 def test_opcheck_moe_lora_sample_bwd(needs, device):
-    inp, x, A, B, gate, ba, bb = sample_args(device)
-    _, hpre = OPS.moe_lora_sample_fwd(x, A, B, inp.topk_idx, gate, inp.base_weight, inp.base_bias, ba, bb, "relu",
+    inp, x, A, B, w, ba, bb = sample_args(device)
+    _, hpre = OPS.moe_lora_sample_fwd(x, A, B, inp.topk_idx, w, 0.5, inp.base_weight, inp.base_bias, ba, bb, "relu",
                                       13)
     dy = torch.randn(SAMPLE_CASE.T, SAMPLE_CASE.d_out, device=device)
-    args = (dy, x, A, B, inp.topk_idx, gate, hpre, inp.base_weight, ba, bb, "relu", 13, *needs)
+    args = (dy, x, A, B, inp.topk_idx, w, 0.5, hpre, inp.base_weight, ba, bb, "relu", 13, *needs)
     torch.library.opcheck(OPS.moe_lora_sample_bwd.default, args)
 
 
