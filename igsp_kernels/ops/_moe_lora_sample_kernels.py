@@ -48,21 +48,25 @@ _SMEM_BUDGET = SMEM_LIMIT_BYTES - 16 * 1024
 def sample_gemm_configs() -> list[triton.Config]:
     """Configs of the per-sample GEMM programs (forward, and the backward's MAIN + SIDE programs), best first.
 
-    BLOCK_M is not here: it fixes the slot layout (SAMPLES), so the launcher chooses it from the rank
-    (`moe_lora_sample.row_block`). BLOCK_WN x BLOCK_L is the activation tile of the weight-gradient programs.
+    BLOCK_M is not here: it fixes the slot layout (SAMPLES), so the launcher chooses it from the rank and the row
+    count (`moe_lora_sample.row_block`). BLOCK_WN x BLOCK_L is the activation tile of the weight-gradient programs;
+    BLOCK_L = 32 makes a 197-token sample 7 row chunks (224 rows, 14 % padding in those MMAs; 64-row chunks would
+    pad 30 %, and they ride in a compute-bound launch). The 8-warp, 2-stage, BLOCK_K = 32 entries serve r = 64,
+    whose 256-column slot axis (4 slots of 64) needs 8 warps to stay within registers and 2 stages to leave shared
+    memory for the fp32 master A tile.
     """
     def cfg(bn: int, bk: int, warps: int, stages: int, wn: int = 64, bl: int = 32) -> triton.Config:
         return triton.Config({"BLOCK_N": bn, "BLOCK_K": bk, "BLOCK_WN": wn, "BLOCK_L": bl}, num_warps=warps,
                              num_stages=stages)
 
-    # BLOCK_L = 32: a 197-token sample is 7 row chunks (224 rows, 14 % padding in the weight-gradient MMAs; 64-row
-    # chunks would pad 30 %, and those MMAs ride in a compute-bound launch).
     return [
         cfg(128, 64, 8, 3),
         cfg(128, 64, 4, 3),
+        cfg(128, 32, 8, 2),
         cfg(128, 32, 4, 4),
         cfg(64, 64, 4, 3),
         cfg(256, 64, 8, 3, 128, 32),
+        cfg(64, 32, 8, 2, 32, 16),
         cfg(64, 32, 4, 2, 32, 16),
     ]
 
@@ -79,24 +83,35 @@ def pairs_configs() -> list[triton.Config]:
 
 INTERPRET_PAIRS = triton.Config({"CHUNK": 64}, num_warps=4, num_stages=1)
 
+# Accumulator registers a thread may hold (fp32 tiles over the CTA's threads), of 255: the rest goes to the
+# pipelined operand fragments, addresses and masks. ptxas -v on the default configs (tests/kernels/
+# test_triton_registers.py) found 204-229 registers in use at ~80 accumulator registers and spills at ~160.
+ACC_REGISTER_BUDGET = 128
+
 
 def prune_sample_configs(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
-    """Drop configs whose pipelined operand tiles overflow shared memory, sized with each tensor's real dtype
-    (fp32 master A / B beside bf16 activations take 4 bytes a value, not 2)."""
+    """Drop configs that overflow shared memory or registers, sized with each tensor's real dtype (fp32 master
+    A / B beside bf16 activations take 4 bytes a value, not 2).
+
+    Shared memory is the larger of the two passes of a program: the rank pass (x or dy tile + gathered A or B
+    slot tile per stage) and the N tiles (x or dy tile + W0 tile per stage, then the gathered expansion operand and
+    the coefficient tile). Registers: the fp32 accumulators live at once (the output tile and the bf16
+    coefficients during the N tiles; the slot accumulator during the rank pass) per thread.
+    """
     a = {**named_args, **kwargs}
-    act = a["OP_ELT"]
-    lora = a["LORA_ELT"]
-    sr = a["SLOTS"] * a["BLOCK_R"]
-    bm = a["BLOCK_M"]
+    act, lora, acc = a["OP_ELT"], a["LORA_ELT"], max(4, a["OP_ELT"])
+    sr, bm = a["SLOTS"] * a["BLOCK_R"], a["BLOCK_M"]
     fma = a["OP_ELT"] == 8 or (a["OP_ELT"] == 4 and a["PRECISION"] == "ieee")
     fits = []
     for c in configs:
         bn, bk = c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"]
         wn, bl = c.kwargs["BLOCK_WN"], c.kwargs["BLOCK_L"]
-        loop = smem_bytes(c.num_stages, bm * bk * act, bk * bn * act, bk * sr * lora)
-        epilogue = sr * bn * lora + bm * sr * act
+        rank_pass = smem_bytes(c.num_stages, bm * bk * act, bk * sr * lora)
+        tiles = smem_bytes(c.num_stages, bm * bk * act, bk * bn * act) + sr * bn * lora + bm * sr * act
         side = smem_bytes(c.num_stages, bl * wn * act, bl * a["BLOCK_R"] * 4)
-        ok = max(loop + epilogue, side) <= _SMEM_BUDGET
+        threads = 32 * c.num_warps
+        regs = max(bm * bn * acc + bm * sr * act, bm * sr * acc) / 4 / threads
+        ok = max(rank_pass, tiles, side) <= _SMEM_BUDGET and regs <= ACC_REGISTER_BUDGET
         # fp32 "ieee" and fp64 dots are FMA code: a deep K step only unrolls more code (see _moe_lora_kernels)
         fits.append(ok and not (fma and (bk > 32 or bn > 64)))
     kept = [c for c, ok in zip(configs, fits) if ok]
@@ -114,8 +129,8 @@ def _gates(w_ptr, off, mask, scale_hi, scale_lo, ACC_DT: tl.constexpr):
 @triton.jit
 def _slot_columns(idx_ptr, w_ptr, scale_hi, scale_lo, s_lo, n_samples, k, r, SAMPLES: tl.constexpr,
                   SLOTS: tl.constexpr, BLOCK_R: tl.constexpr, ACC_DT: tl.constexpr):
-    """Per column of the slot axis (SLOTS * BLOCK_R): (sample offset q, slot's j, rank index c, expert, gate,
-    valid). idx_ptr / w_ptr: (n_samples, k) routing and weights."""
+    """Per column of the slot axis (SLOTS * BLOCK_R): (sample offset q, slot's j, rank index c, expert (int32:
+    expert offsets stay below 2**31, checked by the launcher), gate, valid). idx_ptr / w_ptr: (n_samples, k)."""
     col = tl.arange(0, SLOTS * BLOCK_R)
     slot = col // BLOCK_R
     c = col % BLOCK_R
@@ -123,7 +138,7 @@ def _slot_columns(idx_ptr, w_ptr, scale_hi, scale_lo, s_lo, n_samples, k, r, SAM
     j = slot % k
     sample = s_lo + q
     live = (slot < SAMPLES * k) & (sample < n_samples)
-    e = tl.load(idx_ptr + sample * k + j, mask=live, other=0).to(tl.int64)
+    e = tl.load(idx_ptr + sample * k + j, mask=live, other=0).to(tl.int32)
     g = _gates(w_ptr, sample * k + j, live, scale_hi, scale_lo, ACC_DT)
     return q, j, c, e, g, live & (c < r)
 
@@ -137,7 +152,7 @@ def _slot_lanes(idx_ptr, w_ptr, scale_hi, scale_lo, s_lo, n_samples, k, SAMPLES:
     j = sb % k
     sample = s_lo + q
     live = (sb < SAMPLES * k) & (sample < n_samples)
-    e = tl.load(idx_ptr + sample * k + j, mask=live, other=0).to(tl.int64)
+    e = tl.load(idx_ptr + sample * k + j, mask=live, other=0).to(tl.int32)
     g = _gates(w_ptr, sample * k + j, live, scale_hi, scale_lo, ACC_DT)
     return q, j, e, g, live
 
@@ -162,39 +177,43 @@ def _single_sample(row0, T, L, BLOCK_M: tl.constexpr):
 
 
 @triton.jit
-def _expand_store(acc, coef, gown, lora_ptr, s_le, s_lr, s_ln, bias_ptr, eb, liveb, b0_ptr, e, c, live, out_ptr,
-                  stride_out, rows, mask_m, offs_n, N, HAS_BIAS: tl.constexpr, HAS_B0: tl.constexpr,
-                  OP_DT: tl.constexpr, ACC_DT: tl.constexpr, PRECISION: tl.constexpr):
-    """out[rows, offs_n] = acc + coef @ L_gathered (+ gown @ bias_gathered + b0), L_gathered[col, n] =
-    lora[e(col), c(col), n] through strides (s_le, s_lr, s_ln): B (forward) or A^T (dx)."""
+def _expand_store(acc, coef, lora_ptr, l_col, s_ln, bias_ptr, qrow, qb, eb, gb, liveb, b0_ptr, live, out_ptr,
+                  row_out, mask_m, offs_n, N, HAS_BIAS: tl.constexpr, HAS_B0: tl.constexpr, OP_DT: tl.constexpr,
+                  ACC_DT: tl.constexpr, PRECISION: tl.constexpr):
+    """out[rows, offs_n] = acc + coef @ L_gathered (+ g_own @ bias_gathered + b0): L_gathered[col, n] at
+    lora_ptr + l_col[col] + n s_ln (B in the forward, A^T in dx); row_out = row offsets of out (rows x stride)."""
     mask_n = offs_n < N
-    lt = tl.load(lora_ptr + e[:, None] * s_le + c[:, None] * s_lr + offs_n[None, :] * s_ln,
-                 mask=live[:, None] & mask_n[None, :], other=0.0).to(OP_DT)
+    lt = tl.load(lora_ptr + l_col[:, None] + offs_n[None, :] * s_ln, mask=live[:, None] & mask_n[None, :],
+                 other=0.0).to(OP_DT)
     acc = tl.dot(coef, lt, acc, input_precision=PRECISION, out_dtype=ACC_DT)
     if HAS_BIAS:
-        bt = tl.load(bias_ptr + eb[:, None] * N + offs_n[None, :], mask=liveb[:, None] & mask_n[None, :],
+        gown = tl.where((qrow[:, None] == qb[None, :]) & liveb[None, :], gb[None, :], 0.0).to(OP_DT)
+        bt = tl.load(bias_ptr + (eb * N)[:, None] + offs_n[None, :], mask=liveb[:, None] & mask_n[None, :],
                      other=0.0).to(OP_DT)
         acc = tl.dot(gown, bt, acc, input_precision=PRECISION, out_dtype=ACC_DT)
     if HAS_B0:
         acc += tl.load(b0_ptr + offs_n, mask=mask_n, other=0.0).to(ACC_DT)[None, :]
-    tl.store(out_ptr + rows[:, None] * stride_out + offs_n[None, :], acc.to(out_ptr.dtype.element_ty),
+    tl.store(out_ptr + row_out[:, None] + offs_n[None, :], acc.to(out_ptr.dtype.element_ty),
              mask=mask_m[:, None] & mask_n[None, :])
 
 
 @triton.jit
-def _base_tile(acc, inp_ptr, stride_inp, rows, w_ptr, s_wk, s_wn, offs_n, N, K, OP_DT: tl.constexpr,
+def _base_tile(acc, inp_ptr, row_inp, w_ptr, w_col, s_wk, K, INDEX_64: tl.constexpr, OP_DT: tl.constexpr,
                ACC_DT: tl.constexpr, PRECISION: tl.constexpr, BLOCK_K: tl.constexpr):
-    """acc += inp[rows, :K] @ W[:K, offs_n] with W addressed through strides (columns past N wrap: never stored)."""
+    """acc += inp[rows, :K] @ W[:K, cols]: inp at inp_ptr + row_inp[m] + kk, W at w_ptr + kk s_wk + w_col[n].
+
+    Addresses are rebuilt each step from the 1-D offset vectors: a 2-D 64-bit pointer tile carried through the
+    loop costs 2 registers a value (64 a thread for a 128 x 64 tile at 8 warps), what made the fused kernels spill.
+    """
     offs_k = tl.arange(0, BLOCK_K)
-    a_ptrs = inp_ptr + rows[:, None] * stride_inp + offs_k[None, :]
-    w_ptrs = w_ptr + offs_k[:, None] * s_wk + (offs_n % N)[None, :] * s_wn
     for k0 in range(0, K, BLOCK_K):
-        mk = (k0 + offs_k) < K
-        a = tl.load(a_ptrs, mask=mk[None, :], other=0.0).to(OP_DT)
-        w = tl.load(w_ptrs, mask=mk[:, None], other=0.0).to(OP_DT)
+        kk = k0 + offs_k
+        mk = kk < K
+        if INDEX_64:
+            kk = kk.to(tl.int64)
+        a = tl.load(inp_ptr + row_inp[:, None] + kk[None, :], mask=mk[None, :], other=0.0).to(OP_DT)
+        w = tl.load(w_ptr + kk[:, None] * s_wk + w_col[None, :], mask=mk[:, None], other=0.0).to(OP_DT)
         acc = tl.dot(a, w, acc, input_precision=PRECISION, out_dtype=ACC_DT)
-        a_ptrs += BLOCK_K
-        w_ptrs += BLOCK_K * s_wk
     return acc
 
 
@@ -213,50 +232,46 @@ def _fwd_rows(
     s_lo = row0 // L
     q, j, c, e, g, live = _slot_columns(idx_ptr, w_ptr, scale_hi, scale_lo, s_lo, n_samples, k, r, SAMPLES, SLOTS,
                                         BLOCK_R, ACC_DT)
-    own = (qrow[:, None] == q[None, :]) & live[None, :] & mask_m[:, None]
     qb, jb, eb, gb, liveb = _slot_lanes(idx_ptr, w_ptr, scale_hi, scale_lo, s_lo, n_samples, k, SAMPLES, SB, ACC_DT)
-    gown = tl.where((qrow[:, None] == qb[None, :]) & liveb[None, :], gb[None, :], 0.0).to(OP_DT)
+    row_x = rows * stride_x_t
+    row_y = rows * stride_y_t
+    b_col = e * (r * d_out) + c * d_out  # B[e, c, n] at b_ptr + b_col + n
 
-    tiles_per_group = tl.cdiv(tl.cdiv(d_out, BLOCK_N), n_groups)
-    n_first = grp * tiles_per_group * BLOCK_N
-    n_stop = tl.minimum(d_out, n_first + tiles_per_group * BLOCK_N)
-    offs_n = n_first + tl.arange(0, BLOCK_N)
-    # ---- first N tile: the base GEMM and the shrink share the K loop over x
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC_DT)
+    # ---- the shrink over the row block: h = x [A_e ...] for every slot, one pass over the rows of x
     hacc = tl.zeros((BLOCK_M, SLOTS * BLOCK_R), dtype=ACC_DT)
     offs_k = tl.arange(0, BLOCK_K)
-    x_ptrs = x_ptr + rows[:, None] * stride_x_t + offs_k[None, :]
-    w_ptrs = w0_ptr + offs_k[:, None] + (offs_n % d_out)[None, :] * d_in
-    a_ptrs = a_ptr + e[None, :] * d_in * r + offs_k[:, None] * r + c[None, :]
+    a_col = e * (d_in * r) + c  # A[e, kk, c] at a_ptr + a_col + kk r
     for k0 in range(0, d_in, BLOCK_K):
-        mk = (k0 + offs_k) < d_in
-        xt = tl.load(x_ptrs, mask=mk[None, :], other=0.0).to(OP_DT)
-        if HAS_BASE:
-            wt = tl.load(w_ptrs, mask=mk[:, None], other=0.0).to(OP_DT)
-            acc = tl.dot(xt, wt, acc, input_precision=PRECISION, out_dtype=ACC_DT)
-        at = tl.load(a_ptrs, mask=mk[:, None] & live[None, :], other=0.0).to(OP_DT)
-        hacc = tl.dot(xt, at, hacc, input_precision=PRECISION, out_dtype=ACC_DT)
-        x_ptrs += BLOCK_K
-        w_ptrs += BLOCK_K
-        a_ptrs += BLOCK_K * r
+        kk = k0 + offs_k
+        mk = kk < d_in
+        xt = tl.load(x_ptr + row_x[:, None] + kk[None, :], mask=mk[None, :], other=0.0).to(OP_DT)
+        at = tl.load(a_ptr + kk[:, None] * r + a_col[None, :], mask=mk[:, None] & live[None, :], other=0.0)
+        hacc = tl.dot(xt, at.to(OP_DT), hacc, input_precision=PRECISION, out_dtype=ACC_DT)
     if HAS_BA:
         hacc += tl.load(ba_ptr + e * r + c, mask=live, other=0.0).to(ACC_DT)[None, :]
+    own = (qrow[:, None] == q[None, :]) & live[None, :] & mask_m[:, None]
     # the pre-activation of each row's own k slots, once (group 0)
-    tl.store(hpre_ptr + rows[:, None] * (k * r) + j[None, :] * r + c[None, :], hacc, mask=own & (grp == 0))
+    tl.store(hpre_ptr + (rows * (k * r))[:, None] + (j * r + c)[None, :], hacc, mask=own & (grp == 0))
     if ACTIVATION == 1:
         hacc = tl.maximum(hacc, 0.0)
     coef = tl.where(own, hacc * g[None, :], 0.0).to(OP_DT)
-    _expand_store(acc, coef, gown, b_ptr, r * d_out, d_out, 1, bb_ptr, eb, liveb, b0_ptr, e, c, live, y_ptr,
-                  stride_y_t, rows, mask_m, offs_n, d_out, HAS_BB, HAS_B0, OP_DT, ACC_DT, PRECISION)
-    # ---- the group's other N tiles: base GEMM + expansion with the same coefficients
-    for n0 in range(n_first + BLOCK_N, n_stop, BLOCK_N):
+    # ---- the group's N tiles: base GEMM (x re-read from L2) + expansion. The shrink runs as its own pass, not in
+    # the first tile's K loop, so its accumulator is dead before the output tile's is live (together they made
+    # the backward's twin of this kernel spill at 8 warps).
+    tiles_per_group = tl.cdiv(tl.cdiv(d_out, BLOCK_N), n_groups)
+    n_first = grp * tiles_per_group * BLOCK_N
+    n_stop = tl.minimum(d_out, n_first + tiles_per_group * BLOCK_N)
+    for n0 in range(n_first, n_stop, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC_DT)
         if HAS_BASE:
-            acc = _base_tile(acc, x_ptr, stride_x_t, rows, w0_ptr, 1, d_in, offs_n, d_out, d_in, OP_DT, ACC_DT,
-                             PRECISION, BLOCK_K)
-        _expand_store(acc, coef, gown, b_ptr, r * d_out, d_out, 1, bb_ptr, eb, liveb, b0_ptr, e, c, live, y_ptr,
-                      stride_y_t, rows, mask_m, offs_n, d_out, HAS_BB, HAS_B0, OP_DT, ACC_DT, PRECISION)
+            w_col = (offs_n % d_out) * d_in  # W0^T[kk, n] = W0[n, kk]: columns past d_out wrap (never stored)
+            if INDEX_64:
+                w_col = w_col.to(tl.int64)
+            acc = _base_tile(acc, x_ptr, row_x, w0_ptr, w_col, 1, d_in, INDEX_64, OP_DT, ACC_DT, PRECISION,
+                             BLOCK_K)
+        _expand_store(acc, coef, b_ptr, b_col, 1, bb_ptr, qrow, qb, eb, gb, liveb, b0_ptr, live, y_ptr, row_y,
+                      mask_m, offs_n, d_out, HAS_BB, HAS_B0, OP_DT, ACC_DT, PRECISION)
 
 
 @triton.jit
@@ -344,53 +359,45 @@ def _main_rows(
     s_lo = row0 // L
     q, j, c, e, g, live = _slot_columns(idx_ptr, w_ptr, scale_hi, scale_lo, s_lo, n_samples, k, r, SAMPLES, SLOTS,
                                         BLOCK_R, ACC_DT)
-    own = (qrow[:, None] == q[None, :]) & live[None, :] & mask_m[:, None]
-    rank_off = rows[:, None] * (k * r) + j[None, :] * r + c[None, :]  # (row, j, c) in the (T, k, r) layouts
-    tiles_per_group = tl.cdiv(tl.cdiv(d_in, BLOCK_N), n_groups)
-    n_first = grp * tiles_per_group * BLOCK_N
-    n_stop = tl.minimum(d_in, n_first + tiles_per_group * BLOCK_N)
-    offs_n = n_first + tl.arange(0, BLOCK_N)
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC_DT)
+    row_dy = rows * stride_dy_t
+    a_col = e * (d_in * r) + c  # A^T[c, n] of expert e at a_ptr + a_col + n r
     if T_IN_LOOP:
+        # ---- the rank pass over the row block's dy: t = dy [B_e ...]^T (+ <dy, bb_e>), then D and d gate
         qb, jb, eb, gb, liveb = _slot_lanes(idx_ptr, w_ptr, scale_hi, scale_lo, s_lo, n_samples, k, SAMPLES, SB,
                                             ACC_DT)
         tacc = tl.zeros((BLOCK_M, SLOTS * BLOCK_R), dtype=ACC_DT)
         uacc = tl.zeros((BLOCK_M, SB), dtype=ACC_DT)
         offs_k = tl.arange(0, BLOCK_K)
-        dy_ptrs = dy_ptr + rows[:, None] * stride_dy_t + offs_k[None, :]
-        w_ptrs = w0_ptr + offs_k[:, None] * d_in + (offs_n % d_in)[None, :]
-        b_ptrs = b_ptr + e[None, :] * r * d_out + c[None, :] * d_out + offs_k[:, None]
-        bb_ptrs = bb_ptr + eb[None, :] * d_out + offs_k[:, None]
+        b_col = e * (r * d_out) + c * d_out  # B[e, c, kk] at b_ptr + b_col + kk
+        bb_col = eb * d_out
         for k0 in range(0, d_out, BLOCK_K):
-            mk = (k0 + offs_k) < d_out
-            dyt = tl.load(dy_ptrs, mask=mk[None, :], other=0.0).to(OP_DT)
-            if NEED_DX:
-                if HAS_BASE:
-                    wt = tl.load(w_ptrs, mask=mk[:, None], other=0.0).to(OP_DT)
-                    acc = tl.dot(dyt, wt, acc, input_precision=PRECISION, out_dtype=ACC_DT)
-            bt = tl.load(b_ptrs, mask=mk[:, None] & live[None, :], other=0.0).to(OP_DT)  # (BLOCK_K, SLOTS R)
-            tacc = tl.dot(dyt, bt, tacc, input_precision=PRECISION, out_dtype=ACC_DT)
+            kk = k0 + offs_k
+            mk = kk < d_out
+            dyt = tl.load(dy_ptr + row_dy[:, None] + kk[None, :], mask=mk[None, :], other=0.0).to(OP_DT)
+            bt = tl.load(b_ptr + kk[:, None] + b_col[None, :], mask=mk[:, None] & live[None, :], other=0.0)
+            tacc = tl.dot(dyt, bt.to(OP_DT), tacc, input_precision=PRECISION, out_dtype=ACC_DT)
             if HAS_BB:
                 if NEED_DGATE:
-                    bbt = tl.load(bb_ptrs, mask=mk[:, None] & liveb[None, :], other=0.0).to(OP_DT)
-                    uacc = tl.dot(dyt, bbt, uacc, input_precision=PRECISION, out_dtype=ACC_DT)
-            dy_ptrs += BLOCK_K
-            w_ptrs += BLOCK_K * d_in
-            b_ptrs += BLOCK_K
-            bb_ptrs += BLOCK_K
+                    bbt = tl.load(bb_ptr + kk[:, None] + bb_col[None, :], mask=mk[:, None] & liveb[None, :],
+                                  other=0.0)
+                    uacc = tl.dot(dyt, bbt.to(OP_DT), uacc, input_precision=PRECISION, out_dtype=ACC_DT)
+        own = (qrow[:, None] == q[None, :]) & live[None, :] & mask_m[:, None]
+        rank_off = (rows * (k * r))[:, None] + (j * r + c)[None, :]  # (row, j, c) in the (T, k, r) layouts
         h = tl.load(hpre_ptr + rank_off, mask=own, other=0.0).to(ACC_DT)
-        if ACTIVATION == 1:
-            phi = tl.maximum(h, 0.0)
-        else:
-            phi = h
         if NEED_DGATE:
-            # d gate[t, slot] = <phi(h), t> over the slot's r columns (+ <dy, bb_e>): a 0/1 selection MMA in the
-            # accumulation dtype ("ieee": exact products, no TF32 rounding)
-            col = tl.arange(0, SLOTS * BLOCK_R)
-            sel = ((col[:, None] // BLOCK_R) == tl.arange(0, SB)[None, :]).to(ACC_DT)
-            dg = tl.dot(tl.where(own, phi * tacc, 0.0), sel, uacc, input_precision="ieee", out_dtype=ACC_DT)
-            ownb = (qrow[:, None] == qb[None, :]) & liveb[None, :] & mask_m[:, None]
-            tl.store(dgtok_ptr + rows[:, None] * k + jb[None, :], dg, mask=ownb & (grp == 0))
+            # d gate[t, slot] = <phi(h), t> over the slot's r columns (+ <dy, bb_e>, whose MMA has SB >= 16 lanes of
+            # which lanes >= SLOTS are zero): sums over a (rows, slots, rank) view, in the accumulation dtype
+            if ACTIVATION == 1:
+                phi = tl.maximum(h, 0.0)
+            else:
+                phi = h
+            dg = tl.sum(tl.reshape(phi * tacc, (BLOCK_M, SLOTS, BLOCK_R)), axis=2)
+            if HAS_BB:
+                dg += tl.sum(tl.reshape(uacc, (BLOCK_M, SB // SLOTS, SLOTS)), axis=1)
+            lane = tl.arange(0, SLOTS)
+            own_s = (qrow[:, None] == (lane // k)[None, :]) & (lane < SAMPLES * k)[None, :] & mask_m[:, None]
+            own_s = own_s & ((s_lo + lane // k) < n_samples)[None, :]
+            tl.store(dgtok_ptr + (rows * k)[:, None] + (lane % k)[None, :], dg, mask=own_s & (grp == 0))
         dd = tacc * g[None, :]
         if ACTIVATION == 1:
             dd = tl.where(h > 0.0, dd, 0.0)
@@ -398,23 +405,24 @@ def _main_rows(
         if STORE_D:
             tl.store(d_ptr + rank_off, dd, mask=own & (grp == 0))
     else:
+        own = (qrow[:, None] == q[None, :]) & live[None, :] & mask_m[:, None]
+        rank_off = (rows * (k * r))[:, None] + (j * r + c)[None, :]
         dd = tl.load(d_ptr + rank_off, mask=own, other=0.0).to(ACC_DT)
-        if NEED_DX:
-            if HAS_BASE:
-                acc = _base_tile(acc, dy_ptr, stride_dy_t, rows, w0_ptr, d_in, 1, offs_n, d_in, d_out, OP_DT,
-                                 ACC_DT, PRECISION, BLOCK_K)
     if NEED_DX:
+        # ---- the group's N tiles of dx: base GEMM over dy (re-read from L2) + D [A_e ...]^T
         coef = dd.to(OP_DT)
-        _expand_store(acc, coef, coef, a_ptr, d_in * r, 1, r, a_ptr, e, live, a_ptr, e, c, live, dx_ptr,
-                      stride_dx_t, rows, mask_m, offs_n, d_in, False, False, OP_DT, ACC_DT, PRECISION)
-        for n0 in range(n_first + BLOCK_N, n_stop, BLOCK_N):
+        row_dx = rows * stride_dx_t
+        tiles_per_group = tl.cdiv(tl.cdiv(d_in, BLOCK_N), n_groups)
+        n_first = grp * tiles_per_group * BLOCK_N
+        n_stop = tl.minimum(d_in, n_first + tiles_per_group * BLOCK_N)
+        for n0 in range(n_first, n_stop, BLOCK_N):
             offs_n = n0 + tl.arange(0, BLOCK_N)
             acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC_DT)
             if HAS_BASE:
-                acc = _base_tile(acc, dy_ptr, stride_dy_t, rows, w0_ptr, d_in, 1, offs_n, d_in, d_out, OP_DT,
-                                 ACC_DT, PRECISION, BLOCK_K)
-            _expand_store(acc, coef, coef, a_ptr, d_in * r, 1, r, a_ptr, e, live, a_ptr, e, c, live, dx_ptr,
-                          stride_dx_t, rows, mask_m, offs_n, d_in, False, False, OP_DT, ACC_DT, PRECISION)
+                acc = _base_tile(acc, dy_ptr, row_dy, w0_ptr, offs_n % d_in, d_in, d_out, INDEX_64, OP_DT, ACC_DT,
+                                 PRECISION, BLOCK_K)
+            _expand_store(acc, coef, a_ptr, a_col, r, a_ptr, qrow, q, e, g, live, a_ptr, live, dx_ptr, row_dx,
+                          mask_m, offs_n, d_in, False, False, OP_DT, ACC_DT, PRECISION)
 
 
 @triton.jit

@@ -193,7 +193,7 @@ def _meta(x: torch.Tensor, A: torch.Tensor, T: int, d_in: int, d_out: int, k: in
     """Constexprs and tiling shared by the launches of one call."""
     bm = row_block(L, k, r, T, num_sms(x.device))
     rt = _rank_tile(r)
-    big = max(T * max(d_in, d_out), T * k * rt, E * rt * max(d_in, d_out))
+    big = max(T * max(d_in, d_out), T * k * rt, E * rt * max(d_in, d_out), d_in * d_out)
     one = next_pow2(k)  # the slot axis of a tile inside one sample
     return {
         "OP_DT": op_tl_dtype(x.dtype), "ACC_DT": acc_tl_dtype(x.dtype), "PRECISION": dot_precision(x.dtype),
