@@ -30,6 +30,7 @@ import contextlib
 import itertools
 import json
 import math
+import os
 import re
 import sys
 from collections.abc import Callable, Iterator
@@ -661,11 +662,95 @@ def report(results: list[Result], gpu: GPU = H200) -> dict[str, Any]:
     }
 
 
+# --------------------------------------------------------------------------------------------- measuring (GPU)
+def measure_case(case: Case, gpu: GPU = H200, iters: int = 20) -> dict[str, Any]:
+    """On a GPU: the predicted launches of `case` beside their measured device times (torch.profiler, kernels
+    grouped by name over `iters` forward+backward calls, the same backward plan and pinned configs as the model),
+    and the two base GEMMs measured alone (F.linear and dy @ W0, do_bench medians)."""
+    import torch.nn.functional as F
+    import triton.testing
+    from torch.profiler import ProfilerActivity, profile
+
+    res = run_case(case, gpu, alternatives=False)
+    p = _inputs(case, device="cuda")
+    leaves = [p["x"], p["A"], p["B"], p["w"]]
+    plan = {"plan": res.plan} if case.routing == "sample" else {}
+
+    def call() -> None:
+        torch.autograd.grad(_call(p), leaves, p["dy"])
+
+    with _overrides(ms.TUNING_OVERRIDES, plan):
+        call()  # compile
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(iters):
+                call()
+            torch.cuda.synchronize()
+    measured: dict[str, float] = {}
+    for ev in prof.key_averages():
+        us = getattr(ev, "device_time_total", None) or getattr(ev, "cuda_time_total", 0.0)
+        if us:
+            name = ev.key if ev.key in COUNTERS else "other (torch kernels)"
+            measured[name] = measured.get(name, 0.0) + us / iters
+    predicted: dict[str, float] = {}
+    for x in res.launches:
+        name = x.name if x.name in COUNTERS else "other (torch kernels)"
+        predicted[name] = predicted.get(name, 0.0) + 1e6 * x.seconds(gpu)
+    x2, w0, dy = p["x"].detach(), p["W0"], p["dy"]
+    base = sum(triton.testing.do_bench(fn, warmup=10, rep=50) for fn in (lambda: F.linear(x2, w0),
+                                                                        lambda: dy @ w0)) * 1e3
+    rows = [{"kernel": k, "predicted_us": predicted.get(k, 0.0), "measured_us": measured.get(k, 0.0),
+             "error_pct": 100.0 * (predicted.get(k, 0.0) / measured[k] - 1.0) if measured.get(k) else None}
+            for k in sorted(set(predicted) | set(measured))]
+    total_m, total_p = sum(measured.values()), 1e6 * res.total_s
+    return {"case": case.name, "backward_plan": res.plan, "kernels": rows, "predicted_total_us": total_p,
+            "measured_total_us": total_m, "predicted_base_us": 1e6 * res.base_s, "measured_base_us": base,
+            "predicted_overhead_pct": res.overhead_pct,
+            "measured_overhead_pct": 100.0 * (total_m / base - 1.0) if base else None}
+
+
+def _say(line: str) -> None:
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
+
+
+def measure(out_path: str, budget_s: float, cases: list[Case]) -> int:
+    """The GPU suite's calibration step: measured beside predicted per kernel, case by case until the time budget
+    is spent (headline cases first), printed and written as JSON with provenance."""
+    import time
+
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from _bench_common import provenance
+
+    os.environ.setdefault("IGSP_KERNELS_AUTOTUNE", "0")  # the model predicts the pinned (default) configs
+    start, results = time.time(), []
+    for case in cases:
+        if time.time() - start > budget_s:
+            _say(f"budget of {budget_s:.0f} s spent: {len(cases) - len(results)} cases not measured")
+            break
+        r = measure_case(case)
+        results.append(r)
+        _say(f"\n{r['case']} (backward plan {r['backward_plan']}): measured {r['measured_total_us']:.1f} us vs "
+             f"predicted {r['predicted_total_us']:.1f} us; base GEMMs measured {r['measured_base_us']:.1f} us vs "
+             f"predicted {r['predicted_base_us']:.1f} us; overhead measured {r['measured_overhead_pct']:+.1f} % vs "
+             f"predicted {r['predicted_overhead_pct']:+.1f} %")
+        for row in r["kernels"]:
+            err = "" if row["error_pct"] is None else f"{row['error_pct']:+.0f} %"
+            _say(f"  {row['kernel']:28} predicted {row['predicted_us']:9.1f} us  measured "
+                 f"{row['measured_us']:9.1f} us  model error {err}")
+    with open(out_path, "w") as f:
+        json.dump({"provenance": provenance(), "gpu_model": H200.name, "command": COMMAND, "results": results}, f,
+                  indent=1)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description="Predicted GPU time of the fused MoE-LoRA op, per kernel (issue 9).")
     ap.add_argument("--json", action="store_true", help="print JSON (with the headline case under 'headline')")
     ap.add_argument("--cases", default="default", help="default | headline | comma-separated case names")
     ap.add_argument("--summary", action="store_true", help="print only the markdown summary table")
+    ap.add_argument("--measure", metavar="OUT_JSON", help="on a GPU: measured beside predicted per kernel")
+    ap.add_argument("--budget", type=float, default=150.0, help="seconds for --measure (cases in order)")
     args = ap.parse_args(argv)
     cases = default_cases()
     if args.cases == "headline":
@@ -675,6 +760,11 @@ def main(argv: list[str] | None = None) -> int:
             cases = [parse_case(name) for name in args.cases.split(",")]
         except ValueError as exc:
             ap.error(str(exc))
+    if args.measure:
+        if not torch.cuda.is_available():
+            ap.error("--measure needs a CUDA GPU")
+        order = list(HEADLINE.values()) + [c for c in cases if c not in HEADLINE.values()]
+        return measure(args.measure, args.budget, order)
     results = []
     for case in cases:
         results.append(run_case(case))

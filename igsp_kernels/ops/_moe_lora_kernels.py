@@ -133,15 +133,20 @@ def prune_shrink_configs(configs: list[triton.Config], named_args: dict, **kwarg
 
 
 def prune_rank_configs(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
+    """Shared memory of both loops, with the dy / x tiles in the activation dtype and the B tile in B's own dtype
+    (fp32 master weights under autocast). FMA dots (fp32 "ieee", fp64) keep K-long operand slices per thread: their
+    32-wide steps (BLOCK_N, BLOCK_K <= 32) keep the fused fp32 variant from spilling (ptxas, sm_90a: 408 B at 64)."""
     a = _args(named_args, kwargs)
     elt = _ELT[a["OP_DT"]]
+    lora = a["b_ptr"].element_size() if hasattr(a.get("b_ptr"), "element_size") else elt
     s, br = a["BLOCK_S"], a["BLOCK_R"]
+    fma = a["OP_DT"] == tl.float64 or (a["OP_DT"] == tl.float32 and a["PRECISION"] == "ieee")
     fits = []
     for c in configs:
         bn, bk = c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"]
-        loop1 = smem_bytes(c.num_stages, s * bn * elt, bn * br * elt) + s * br * elt
+        loop1 = smem_bytes(c.num_stages, s * bn * elt, bn * br * lora) + s * br * elt
         loop2 = smem_bytes(c.num_stages, s * bk * elt) + s * br * elt
-        fits.append(max(loop1, loop2) <= _SMEM_BUDGET)
+        fits.append(max(loop1, loop2) <= _SMEM_BUDGET and not (fma and max(bn, bk) > 32))
     return _keep(configs, fits)
 
 

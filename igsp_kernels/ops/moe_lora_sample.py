@@ -200,6 +200,8 @@ def _meta(x: torch.Tensor, A: torch.Tensor, T: int, d_in: int, d_out: int, k: in
         "INDEX_64": bool(TUNING_OVERRIDES.get("index64", big > INT32_LIMIT)),
         "SAMPLES": samples_per_tile(bm, L), "SLOTS": slots(bm, L, k), "SB": max(16, slots(bm, L, k)),
         "SLOTS1": one, "SB1": max(16, one),
+        # FMA dots (fp64, fp32 without TF32) expand slot by slot (see _expand_store)
+        "SLOTWISE": x.dtype == torch.float64 or (x.dtype == torch.float32 and dot_precision(x.dtype) == "ieee"),
         "BLOCK_M": bm, "BLOCK_R": rt, "OP_ELT": x.element_size(), "LORA_ELT": A.element_size(),
     }
 

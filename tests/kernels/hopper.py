@@ -12,6 +12,7 @@ ptxas bundled with Triton (`-arch=sm_90a -v`) on the kernel's PTX.
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import subprocess
@@ -27,6 +28,7 @@ from triton.runtime.jit import create_function_from_signature
 
 from igsp_kernels.ops import _utils, moe_lora_sample, routing, subspace
 from igsp_kernels.ops import moe_lora as ml
+from igsp_kernels.testing import MoELoRACase, SubspaceCase, make_moe_lora_inputs, make_subspace_inputs
 
 TARGET = GPUTarget("cuda", 90, 32)
 H100_SMS = 132
@@ -62,8 +64,19 @@ def capture(monkeypatch, body) -> list[tuple[_utils.KernelLauncher, dict]]:
     return launches
 
 
+_COMPILED: dict[tuple, object] = {}
+
+
 def compile_for_hopper(launcher: _utils.KernelLauncher, kwargs: dict, cfg) -> object:
-    """Compile one launch exactly as `JITFunction.run` would specialise it, for sm_90."""
+    """Compile one launch exactly as `JITFunction.run` would specialise it, for sm_90 (memoised per process: the
+    compile and register tests share the default configs)."""
+    key = job_key(launcher, kwargs, cfg)
+    if key not in _COMPILED:
+        _COMPILED[key] = _compile(launcher, kwargs, cfg)
+    return _COMPILED[key]
+
+
+def _compile(launcher: _utils.KernelLauncher, kwargs: dict, cfg) -> object:
     fn = launcher.fn
     backend = make_backend(TARGET)
     binder = create_function_from_signature(fn.signature, fn.params, backend)
@@ -153,3 +166,102 @@ def ptxas_report(compiled) -> Registers:
 def skip_unless_compilable() -> None:
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         pytest.skip("compiling needs real JIT functions; run without TRITON_INTERPRET", allow_module_level=True)
+
+
+# --------------------------------------------------------------------------------------------- scenarios
+@dataclass(frozen=True)
+class Scenario:
+    """One forward+backward of the fused op on shapes the benchmarks and the trainer use; `full` compiles every
+    autotune candidate in the compile test, otherwise only the default (the first surviving the pruner)."""
+
+    name: str
+    case: MoELoRACase
+    dtype: torch.dtype
+    param_dtype: torch.dtype | None = None
+    base: bool = True
+    expert_bias: bool = False
+    activation: str = "identity"
+    full: bool = False
+    per_sample: bool = False
+
+
+_FC1, _FC2 = (768, 3072), (3072, 768)
+
+
+def _sample(name, T, dims, r, dtype, param_dtype=None, **kw) -> Scenario:
+    case = MoELoRACase(name, T, *dims, r, 22, 2, routing="sample", tokens_per_sample=197)
+    return Scenario(name, case, dtype, param_dtype, per_sample=True, **kw)
+
+
+SCENARIOS = [
+    # the trainer's layout (bf16 activations under autocast, fp32 master A / B, the frozen weight's bf16 copy), per
+    # sample: the headline fc1 / fc2 at 256 images, r = 16 (both backward plans; fc1 with every candidate config)
+    _sample("ps_fc1_b256_r16", 50432, _FC1, 16, torch.bfloat16, torch.float32, full=True),
+    _sample("ps_fc2_b256_r16", 50432, _FC2, 16, torch.bfloat16, torch.float32),
+    # r = 64 (64-row tiles, 256-column slot axis), 64 images (64-row tiles, 2 CTAs/SM), the MoE-Adapters form
+    _sample("ps_fc1_b256_r64", 50432, _FC1, 64, torch.bfloat16, torch.float32),
+    _sample("ps_fc2_b64_r64_adapter", 12608, _FC2, 64, torch.bfloat16, torch.float32, base=False, expert_bias=True,
+            activation="relu"),
+    _sample("ps_fc1_b64_r8", 12608, _FC1, 8, torch.bfloat16, torch.float32),
+    _sample("ps_fc2_fp32", 12608, _FC2, 16, torch.float32, expert_bias=True),
+    Scenario("ps_small_fp64", MoELoRACase("small", 196, 96, 80, 4, 6, 2, routing="sample", tokens_per_sample=49),
+             torch.float64, expert_bias=True, activation="relu", per_sample=True),
+    # the general (per-token) path: fc1 at 128 images, bf16 activations with fp32 weights (the compile test's
+    # autocast case), BLOCK_S = 256 and fused weight gradients, every candidate
+    Scenario("tok_fc1_bf16_r16", MoELoRACase("fc1", 25216, 768, 3072, 16, 22, 2), torch.bfloat16, torch.float32,
+             full=True),
+    # fc2 at 64 images, r = 64, MoE-Adapters form -> BLOCK_S = 64, split weight gradients, every candidate
+    Scenario("tok_fc2_bf16_r64_adapter", MoELoRACase("fc2", 12608, 3072, 768, 64, 32, 2), torch.bfloat16,
+             base=False, expert_bias=True, activation="relu", full=True),
+    # fp32 and fp16 (attn out-proj, 64 images), default configs; a small problem (BLOCK_S = 16) and fp64
+    Scenario("tok_attn_fp32_r8", MoELoRACase("attn", 12608, 768, 768, 8, 22, 2), torch.float32, expert_bias=True),
+    Scenario("tok_attn_fp16_fp32params", MoELoRACase("attn", 12608, 768, 768, 16, 22, 2), torch.float16,
+             param_dtype=torch.float32),
+    Scenario("tok_small_fp32", MoELoRACase("small", 197, 96, 80, 4, 6, 1), torch.float32),
+    Scenario("tok_small_fp64", MoELoRACase("small", 197, 96, 80, 4, 6, 2), torch.float64, expert_bias=True,
+             activation="relu"),
+]
+
+
+@functools.cache
+def scenario_launches(sc: Scenario) -> list:
+    """The launches of one forward+backward of `sc` (cached per process: building batch-256 inputs takes
+    seconds). Per-sample scenarios run both backward plans."""
+    inp = make_moe_lora_inputs(sc.case, dtype=sc.dtype, param_dtype=sc.param_dtype, base=sc.base,
+                               expert_bias=sc.expert_bias, activation=sc.activation, per_sample=sc.per_sample)
+    L = sc.case.tokens_per_sample if sc.per_sample else 1
+
+    def body():
+        y = ml.moe_lora_triton(inp.x, inp.A, inp.B, inp.topk_idx, inp.topk_w, inp.base_weight, inp.base_bias, 0.5,
+                               sc.activation, inp.bias_a, inp.bias_b, L)
+        torch.autograd.grad(y, inp.leaves(), torch.zeros_like(y))
+
+    launches = []
+    plans = ("t_in_dgrad", "rank_first") if sc.per_sample else (None,)
+    for plan in plans:
+        with pytest.MonkeyPatch.context() as mp:
+            if plan:
+                mp.setitem(moe_lora_sample.TUNING_OVERRIDES, "plan", plan)
+            launches += capture(mp, body)
+    return launches
+
+
+def routing_launches(monkeypatch):
+    def body():
+        for E, k in ((22, 2), (64, 4)):  # the ViT pool, and a large candidate pool with a wider k
+            z = torch.randn(256, E, requires_grad=True)
+            _, w, p = routing.route_topk_triton(z, k, torch.ones(E, dtype=torch.bool), 0.0, None)
+            torch.autograd.grad((w.sum() + p.sum()), z)
+
+    return capture(monkeypatch, body)
+
+
+def subspace_launches(monkeypatch, dtype):
+    def body():
+        # ViT-B/16 sizes: A_c (8, 768, 16) with a 120-column basis, B_c^T (8, 3072, 16) with 300 columns
+        cases = [SubspaceCase("A", 8, 768, 16, 120), SubspaceCase("Bt", 8, 3072, 16, 300, transposed=True)]
+        mats, bases, _ = make_subspace_inputs(cases, dtype=dtype)
+        subspace.subspace_penalty_forward(mats, bases)
+        subspace.project_grad_forward([M.detach() for M in mats], bases)
+
+    return capture(monkeypatch, body)
