@@ -64,7 +64,7 @@ def sample_gemm_configs() -> list[triton.Config]:
         cfg(128, 64, 8, 3),
         cfg(64, 64, 4, 3),
         cfg(128, 32, 8, 2),
-        cfg(64, 32, 8, 2, 32, 16),
+        cfg(64, 32, 8, 2, 64, 32),
     ]
 
 
