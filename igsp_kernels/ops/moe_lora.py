@@ -6,8 +6,11 @@ Semantics (METHOD.md section 2):
 
 Shapes: x (T, d_in) fp16/bf16/fp32/fp64; A (E, d_in, r); B (E, r, d_out); topk_idx (T, k) int32/int64;
 topk_w (T, k) float; W0 (d_out, d_in) and b0 (d_out,) frozen and optional; ba (E, r), bb (E, d_out) optional.
-Output y (T, d_out) in x.dtype; gradients in each input's dtype. Rows are tokens: per-sample routing arrives
-expanded to its tokens (`igsp_kernels.expand_sample_routing`).
+Output y (T, d_out) in x.dtype; gradients in each input's dtype. Rows are tokens: this is the general path of
+per-token routing. Per-sample routing (topk_idx (T / L, k), `tokens_per_sample=L`) goes to the per-sample kernels
+(`igsp_kernels.ops.moe_lora_sample`), and reaches this path expanded to its tokens only when a tile's slot axis would
+not fit (tiny L with a wide k). W0 arrives in x's dtype (functional.moe_lora's cached copy under autocast): no
+kernel converts it inside a GEMM loop.
 
 Plan (roofline reasoning in shared/KERNELS.md: the LoRA path is memory-bound alone and nearly free when it
 rides on the base GEMM, so the big activations x, y, dy, dx are each written once and never as T x k x d_out):
@@ -164,7 +167,8 @@ def _common_meta(dims: _Dims, x: torch.Tensor, num_blocks: int, num_partials: in
     }
 
 
-def _check_launchable(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor) -> None:
+def _check_launchable(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
+                      base_weight: torch.Tensor | None = None) -> None:
     if x.device.type != "cuda" and not interpreting():
         raise RuntimeError(f"the Triton MoE-LoRA kernels need CUDA tensors (or TRITON_INTERPRET=1), got {x.device}")
     for name, t in (("A", A), ("B", B)):
@@ -173,6 +177,9 @@ def _check_launchable(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor) -> None
     for name, t in (("x", x), ("A", A), ("B", B)):
         if t.dim() and t.stride(-1) != 1:
             raise ValueError(f"{name} must be contiguous in its last dimension, got strides {t.stride()}")
+    if base_weight is not None and base_weight.dtype != x.dtype:
+        raise TypeError(f"base_weight must arrive in x's dtype ({x.dtype}; functional.moe_lora casts it once), got "
+                        f"{base_weight.dtype}")
 
 
 def _device_ctx(t: torch.Tensor):
@@ -232,7 +239,7 @@ def moe_lora_forward(
 
     gate: (T, k) fp32/fp64 = scale * topk_w; the metadata tensors come from `routing_metadata`.
     """
-    _check_launchable(x, A, B)
+    _check_launchable(x, A, B, base_weight)
     dims = _Dims.of(x, A, B, topk_idx)
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
     y = torch.empty(dims.T, dims.d_out, dtype=x.dtype, device=x.device)
@@ -296,7 +303,7 @@ def moe_lora_backward(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Launch the backward. Returns (dx, dA, dB, dgate, d bias_a, d bias_b); a gradient not asked for is an empty
     tensor. dgate is (T, k) in the accumulation dtype; the others have their input's shape and dtype."""
-    _check_launchable(x, A, B)
+    _check_launchable(x, A, B, base_weight)
     dims = _Dims.of(x, A, B, topk_idx)
     dev = x.device
     acc = hpre.dtype
