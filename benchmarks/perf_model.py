@@ -49,61 +49,39 @@ from igsp_kernels.ops import moe_lora_sample as ms
 from igsp_kernels.ops._roofline import GPU, H200, peak_flops
 from igsp_kernels.reference import moe_lora_ref
 
-TOKENS_PER_IMAGE = 197  # ViT-B/16 at 224 px
-LAYERS = {"fc1": (768, 3072), "fc2": (3072, 768)}
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _bench_common import TOKENS_PER_IMAGE, MoELoRABenchCase, provenance  # noqa: E402
+
+MODEL_LAYERS = ("fc1", "fc2")
 IMAGES = (64, 128, 256)
 RANKS = (8, 16, 64)
 COMMAND = "make perf-model  (python benchmarks/perf_model.py)"
-_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 # --------------------------------------------------------------------------------------------- cases
-@dataclass(frozen=True)
-class Case:
-    """One MoE-LoRA layer call as the trainer makes it: bf16 activations under autocast, fp32 master A / B and an
-    fp32 frozen base weight (cast once to bf16 and cached), per-sample routing, forward + backward."""
-
-    layer: str
-    images: int
-    r: int
-    E: int = 22
-    k: int = 2
-    dtype: str = "bf16"
-    routing: str = "sample"  # "sample": tokens_per_sample = 197; "token": the general path, routing per token
-
-    @property
-    def d_in(self) -> int:
-        return LAYERS[self.layer][0]
-
-    @property
-    def d_out(self) -> int:
-        return LAYERS[self.layer][1]
-
-    @property
-    def T(self) -> int:
-        return self.images * TOKENS_PER_IMAGE
-
-    @property
-    def name(self) -> str:
-        return f"{self.layer}-b{self.images}-r{self.r}-E{self.E}-k{self.k}-{self.dtype}-{self.routing}"
+# One MoE-LoRA layer call as the trainer makes it: bf16 activations under autocast, fp32 master A / B and an fp32
+# frozen base weight (cast once to bf16 and cached), per-sample routing ("sample": tokens_per_sample = 197) or the
+# general path ("token": routing per token), forward + backward. The benchmarks' case, shared.
+Case = MoELoRABenchCase
 
 
-HEADLINE = {layer: Case(layer, 256, 16) for layer in LAYERS}
+HEADLINE = {layer: Case(layer, 256, 22, 16, "bf16", "sample") for layer in MODEL_LAYERS}
 
 
 def parse_case(name: str) -> Case:
-    """The Case called `name` (e.g. fc1-b256-r16-E22-k2-bf16-sample, the format of `Case.name`)."""
-    m = re.fullmatch(r"(fc1|fc2)-b(\d+)-r(\d+)-E(\d+)-k(\d+)-(bf16|fp16|fp32)-(sample|token)", name.strip())
+    """The Case called `name` (e.g. fc1-b256-E22-r16-bf16-sample, the format of `Case.name`)."""
+    m = re.fullmatch(r"(fc1|fc2)-b(\d+)-E(\d+)-r(\d+)-(bf16|fp16|fp32)-(sample|token)", name.strip())
     if m is None:
         raise ValueError(f"case name {name!r} does not read like {HEADLINE['fc1'].name}")
-    layer, b, r, E, k, dt, routing = m.groups()
-    return Case(layer, int(b), int(r), int(E), int(k), dt, routing)
+    layer, b, E, r, dt, routing = m.groups()
+    return Case(layer, int(b), int(E), int(r), dt, routing)
 
 
 def default_cases() -> list[Case]:
     """fc1 and fc2 at 64 / 128 / 256 images and r = 8 / 16 / 64 (per-sample), then the headline on the token path."""
-    cases = [Case(layer, b, r) for layer, b, r in itertools.product(LAYERS, IMAGES, RANKS)]
-    return cases + [Case(layer, 256, 16, routing="token") for layer in LAYERS]
+    cases = [Case(layer, b, 22, r, "bf16", "sample") for layer, b, r in itertools.product(MODEL_LAYERS, IMAGES,
+                                                                                          RANKS)]
+    return cases + [Case(layer, 256, 22, 16, "bf16", "token") for layer in MODEL_LAYERS]
 
 
 # --------------------------------------------------------------------------------------------- launches
@@ -444,8 +422,8 @@ def recording(gpu: GPU = H200) -> Iterator[tuple[list[Launch], _Recorder]]:
 
     patches = [
         (_utils.KernelLauncher, "__call__", record),
-        (ms, "_check_launchable", lambda *a: None),
-        (ml, "_check_launchable", lambda *a: None),
+        (ms, "check_moe_lora_launchable", lambda *a: None),
+        (ml, "check_moe_lora_launchable", lambda *a: None),
         (ms, "num_sms", lambda dev: gpu.sms),
         (ml, "sort_block_size", lambda n, r, dev: ml.gpu_sort_block(n, r, gpu.sms)),
         (_utils, "interpreting", lambda: False),
@@ -519,7 +497,7 @@ class Result:
 
 def base_gemms_seconds(case: Case, gpu: GPU = H200) -> float:
     """The two base GEMMs alone (y = x W0^T, dx = dy W0), each max(FLOPs / peak, bytes / bandwidth)."""
-    dt = _DTYPES[case.dtype]
+    dt = case.torch_dtype
     elt = torch.empty((), dtype=dt).element_size()
     flops = 2.0 * case.T * case.d_in * case.d_out
     bytes_ = (case.T * case.d_in + case.d_in * case.d_out + case.T * case.d_out) * elt
@@ -531,7 +509,7 @@ def _inputs(case: Case, device: str = "cpu", seed: int = 0) -> dict[str, Any]:
     fp32 master A / B, the frozen fp32 base weight's cached compute-dtype copy, a random top-k routing per sample
     (or per token)."""
     g = torch.Generator().manual_seed(seed)
-    dt = _DTYPES[case.dtype]
+    dt = case.torch_dtype
     rows = case.images if case.routing == "sample" else case.T
     idx = torch.rand(rows, case.E, generator=g).argsort(1)[:, : case.k].to(torch.int32).to(device)
     w = torch.softmax(torch.randn(rows, case.k, generator=g), -1).to(device)
@@ -718,9 +696,6 @@ def measure(out_path: str, budget_s: float, cases: list[Case]) -> int:
     """The GPU suite's calibration step: measured beside predicted per kernel, case by case until the time budget
     is spent (headline cases first), printed and written as JSON with provenance."""
     import time
-
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    from _bench_common import provenance
 
     os.environ.setdefault("IGSP_KERNELS_AUTOTUNE", "0")  # the model predicts the pinned (default) configs
     start, results = time.time(), []

@@ -43,14 +43,20 @@ import triton
 from igsp_kernels.ops import _moe_lora_sample_kernels as K
 from igsp_kernels.ops._roofline import H200, peak_flops
 from igsp_kernels.ops._utils import (
+    ACTIVATION_CODES,
+    INT32_LIMIT,
     KernelLauncher,
     acc_tl_dtype,
+    check_moe_lora_launchable,
+    device_ctx,
     dot_precision,
     ensure_contiguous,
+    fake_grad,
     interpreting,
     next_pow2,
     num_sms,
     op_tl_dtype,
+    t_bucket,
 )
 
 __all__ = [
@@ -68,7 +74,6 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-INT32_LIMIT = 2**31 - 1
 # Row blocks tried on a GPU, largest first, with the widest slot axis (SLOTS x BLOCK_R columns) each may hold:
 # at 128 rows the shrink / t accumulator beside the 128 x 128 fp32 output tile must stay <= 64 columns (128 x 64
 # fp32 = 32 registers a thread at 8 warps), at <= 64 rows up to 256 columns (r = 64 with 2 samples x k = 2 slots).
@@ -76,7 +81,6 @@ ROW_BLOCKS = ((128, 64), (64, 256), (32, 256), (16, 256))
 #: Test-only overrides of the policy ("row_block", "groups", "plan", "fuse_side", "index64"); use monkeypatch.
 TUNING_OVERRIDES: dict[str, Any] = {}
 
-_ACTIVATIONS = {"identity": 0, "relu": 1}
 
 
 # --------------------------------------------------------------------------------------------- policy
@@ -161,33 +165,6 @@ def _fuse_side() -> bool:
     return bool(TUNING_OVERRIDES.get("fuse_side", True))
 
 
-def _t_bucket(T: int) -> int:
-    return min(next_pow2(max(T, 1)), 1 << 20)
-
-
-def _check_launchable(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, base_weight: torch.Tensor | None) -> None:
-    if x.device.type != "cuda" and not interpreting():
-        raise RuntimeError(f"the Triton MoE-LoRA kernels need CUDA tensors (or TRITON_INTERPRET=1), got {x.device}")
-    for name, t in (("A", A), ("B", B)):
-        if t.numel() > INT32_LIMIT:
-            raise ValueError(f"{name} must have fewer than 2**31 elements (int32 expert offsets), got {t.numel()}")
-    if base_weight is not None and base_weight.dtype != x.dtype:
-        raise TypeError(f"base_weight must arrive in x's dtype ({x.dtype}; functional.moe_lora casts it once), got "
-                        f"{base_weight.dtype}")
-
-
-def _device_ctx(t: torch.Tensor):
-    return torch.cuda.device(t.device) if t.device.type == "cuda" else _NullCtx()
-
-
-class _NullCtx:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: object) -> None:
-        return None
-
-
 def _meta(x: torch.Tensor, A: torch.Tensor, T: int, d_in: int, d_out: int, k: int, r: int, L: int, E: int
           ) -> dict[str, Any]:
     """Constexprs and tiling shared by the launches of one call."""
@@ -222,7 +199,7 @@ def sample_pairs(topk_idx: torch.Tensor, num_experts: int) -> tuple[torch.Tensor
     P = topk_idx.numel()
     pairs = torch.empty(P, dtype=torch.int32, device=topk_idx.device)
     off = torch.empty(num_experts + 1, dtype=torch.int32, device=topk_idx.device)
-    with _device_ctx(topk_idx):
+    with device_ctx(topk_idx):
         _PAIRS(lambda m: (1,), idx_ptr=topk_idx, pairs_ptr=pairs, pair_off_ptr=off, P=P, E=num_experts,
                E_PAD=next_pow2(num_experts + 1))
     return pairs, off
@@ -252,7 +229,7 @@ def moe_lora_sample_forward(
 
     topk_w: (n_samples, k) any float dtype; the kernels use gate = scale * topk_w.
     """
-    _check_launchable(x, A, B, base_weight)
+    check_moe_lora_launchable(x, A, B, base_weight)
     T, d_in = x.shape
     E, _, r = A.shape
     d_out = B.shape[2]
@@ -267,7 +244,7 @@ def moe_lora_sample_forward(
     groups = n_groups(T, meta["BLOCK_M"], d_out, num_sms(x.device))
     has_base = base_weight is not None
     hi, lo = _split_scale(scale)
-    with _device_ctx(x):
+    with device_ctx(x):
         _FWD(
             lambda m: (triton.cdiv(T, m["BLOCK_M"]) * groups,),
             x_ptr=x, w0_ptr=base_weight if has_base else x, b0_ptr=base_bias if base_bias is not None else x,
@@ -275,8 +252,8 @@ def moe_lora_sample_forward(
             idx_ptr=topk_idx, w_ptr=topk_w, scale_hi=hi, scale_lo=lo, y_ptr=y, hpre_ptr=hpre, T=T, d_in=d_in,
             d_out=d_out, r=r, E=E, k=k, L=L,
             n_samples=n_samples, stride_x_t=x.stride(0), stride_y_t=y.stride(0), n_groups=groups,
-            t_bucket=_t_bucket(T), HAS_BASE=has_base, HAS_B0=base_bias is not None, HAS_BA=bias_a is not None,
-            HAS_BB=bias_b is not None, ACTIVATION=_ACTIVATIONS[activation], **meta,
+            t_bucket=t_bucket(T), HAS_BASE=has_base, HAS_B0=base_bias is not None, HAS_BA=bias_a is not None,
+            HAS_BB=bias_b is not None, ACTIVATION=ACTIVATION_CODES[activation], **meta,
         )
     return y, hpre
 
@@ -308,7 +285,7 @@ def moe_lora_sample_backward(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Launch the backward. Returns (dx, dA, dB, d topk_w, d bias_a, d bias_b); a gradient not asked for is an
     empty tensor; each has its input's shape and dtype."""
-    _check_launchable(x, A, B, base_weight)
+    check_moe_lora_launchable(x, A, B, base_weight)
     T, d_in = x.shape
     E, _, r = A.shape
     d_out = B.shape[2]
@@ -348,9 +325,9 @@ def moe_lora_sample_backward(
         dw_ptr=dw if need_dw else topk_w, db_ptr=dB if need_dB else B,
         dbb_ptr=dbb if need_dbb else B, T=T, d_in=d_in, d_out=d_out, r=r, E=E, k=k, L=L, n_samples=n_samples,
         stride_x_t=x.stride(0), stride_dy_t=dy.stride(0), stride_dx_t=dx.stride(0) if need_dx else 0,
-        t_bucket=_t_bucket(T), NEED_DGATE=need_dw, NEED_DA=need_dA, NEED_DBA=need_dba, NEED_DB=need_dB,
+        t_bucket=t_bucket(T), NEED_DGATE=need_dw, NEED_DA=need_dA, NEED_DBA=need_dba, NEED_DB=need_dB,
         NEED_DBB=need_dbb, HAS_BASE=base_weight is not None, HAS_BB=bias_b is not None,
-        ACTIVATION=_ACTIVATIONS[activation], **meta,
+        ACTIVATION=ACTIVATION_CODES[activation], **meta,
     )
 
     def launch(main: str | None, main_groups: int, a: bool, b: bool) -> None:
@@ -368,7 +345,7 @@ def moe_lora_sample_backward(
              HAS_MAIN=main is not None, HAS_SIDE_A=a, HAS_SIDE_B=b, **common)
 
     fuse = _fuse_side()
-    with _device_ctx(x):
+    with device_ctx(x):
         if plan == "rank_first":  # need_dx
             launch("rank", 1, False, False)
             launch("dgrad", groups, side_a and fuse, side_b and fuse)
@@ -444,12 +421,9 @@ def _moe_lora_sample_bwd_op(
 def _(dy, x, A, B, topk_idx, topk_w, scale, hpre, base_weight, bias_a, bias_b, activation, tokens_per_sample,
       need_dx, need_dA, need_dB, need_dw, need_dba, need_dbb):
     acc = hpre.dtype
-
-    def like(flag: bool, t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
-        return torch.empty_like(t) if (flag and t is not None) else x.new_empty(0, dtype=dtype)
-
-    return (like(need_dx, x, x.dtype), like(need_dA, A, A.dtype), like(need_dB, B, B.dtype),
-            like(need_dw, topk_w, topk_w.dtype), like(need_dba, bias_a, acc), like(need_dbb, bias_b, acc))
+    return (fake_grad(need_dx, x, x, x.dtype), fake_grad(need_dA, A, x, A.dtype), fake_grad(need_dB, B, x, B.dtype),
+            fake_grad(need_dw, topk_w, x, topk_w.dtype), fake_grad(need_dba, bias_a, x, acc),
+            fake_grad(need_dbb, bias_b, x, acc))
 
 
 # --------------------------------------------------------------------------------------------- autograd

@@ -54,8 +54,8 @@ def capture(monkeypatch, body) -> list[tuple[_utils.KernelLauncher, dict]]:
         launches.append((self, kwargs))
 
     monkeypatch.setattr(_utils.KernelLauncher, "__call__", record)
-    monkeypatch.setattr(ml, "_check_launchable", lambda *a: None)
-    monkeypatch.setattr(moe_lora_sample, "_check_launchable", lambda *a: None)
+    monkeypatch.setattr(ml, "check_moe_lora_launchable", lambda *a: None)
+    monkeypatch.setattr(moe_lora_sample, "check_moe_lora_launchable", lambda *a: None)
     monkeypatch.setattr(moe_lora_sample, "num_sms", lambda dev: H100_SMS)
     monkeypatch.setattr(routing, "_check_device", lambda *a: None)
     monkeypatch.setattr(subspace, "_check_device", lambda *a: None)
@@ -124,21 +124,21 @@ class Registers:
     def spills(self) -> int:
         return self.spill_stores + self.spill_loads
 
+    def _ctas_by(self) -> tuple[int, int]:
+        """CTAs per SM allowed by registers (allocated per warp in units of 256) and by shared memory."""
+        regs_per_warp = -(-self.registers * 32 // 256) * 256
+        return (REGS_PER_SM // (regs_per_warp * (self.threads // 32)),
+                SMEM_PER_SM // (self.shared + SMEM_RESERVED_PER_CTA))
+
     @property
     def ctas_per_sm(self) -> int:
-        warps = self.threads // 32
-        regs_per_warp = -(-self.registers * 32 // 256) * 256
-        by_regs = REGS_PER_SM // (regs_per_warp * warps)
-        by_smem = SMEM_PER_SM // (self.shared + SMEM_RESERVED_PER_CTA)
+        by_regs, by_smem = self._ctas_by()
         return max(0, min(by_regs, by_smem, THREADS_PER_SM // self.threads, CTAS_PER_SM))
 
     @property
     def limit(self) -> str:
         """What caps the CTAs per SM: registers or shared memory."""
-        warps = self.threads // 32
-        regs_per_warp = -(-self.registers * 32 // 256) * 256
-        by_regs = REGS_PER_SM // (regs_per_warp * warps)
-        by_smem = SMEM_PER_SM // (self.shared + SMEM_RESERVED_PER_CTA)
+        by_regs, by_smem = self._ctas_by()
         return "registers" if by_regs <= by_smem else "shared memory"
 
 

@@ -50,7 +50,7 @@ def test_per_sample_call_is_four_launches_and_counts_the_base_gemm(pm):
     # 16 images of fc1: the forward kernel, the pair sort and two backward launches, no torch op beside them; the
     # forward launch's FLOPs hold the base GEMM exactly (T = 16 x 197 rows in whole tiles is not needed: the
     # analytic base count is compared with the padded-row count of the model).
-    case = pm.Case("fc1", 16, 16)
+    case = pm.Case("fc1", 16, 22, 16, "bf16", "sample")
     res = pm.run_case(case, alternatives=False)
     assert [x.name for x in res.launches] == ["_ps_fwd_kernel", "_ps_pairs_kernel", "_ps_bwd_kernel",
                                               "_ps_bwd_kernel"]
@@ -64,14 +64,14 @@ def test_per_sample_call_is_four_launches_and_counts_the_base_gemm(pm):
 
 def test_model_reports_both_plans_and_the_policy_picks_the_cheaper(pm):
     for layer in ("fc1", "fc2"):
-        res = pm.run_case(pm.Case(layer, 16, 16))
+        res = pm.run_case(pm.Case(layer, 16, 22, 16, "bf16", "sample"))
         (other, other_s), = res.alternative.items()
         assert other != res.plan and res.total_s <= other_s * 1.02, (layer, res.plan, other)
 
 
 def test_json_schema(pm, monkeypatch, capsys):
     # Scripts read {"headline": {"fc1": {"overhead_pct": ...}, "fc2": {...}}, "cases": [...]}.
-    small = {layer: pm.Case(layer, 8, 16) for layer in ("fc1", "fc2")}
+    small = {layer: pm.Case(layer, 8, 22, 16, "bf16", "sample") for layer in ("fc1", "fc2")}
     monkeypatch.setattr(pm, "HEADLINE", small)
     assert pm.main(["--json", "--cases", ",".join(c.name for c in small.values())]) == 0
     doc = json.loads(capsys.readouterr().out)
