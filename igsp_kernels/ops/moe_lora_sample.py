@@ -8,16 +8,17 @@ A (E, d_in, r), B (E, r, d_out) in any float dtype (fp32 master weights under au
 in x's dtype (the cached compute-dtype copy, `igsp_kernels._dtypes.cast_frozen`); ba (E, r), bb (E, d_out).
 
 Plan (kernels in `_moe_lora_sample_kernels.py`; design numbers: docs/kernels.md, from `make perf-model`):
-    forward   one launch: the base GEMM over row tiles whose first N tile also computes x [A_e ...] for the
-              tile's slots (its samples' k experts side by side) in the same K loop over x; the epilogue of every
-              N tile adds (gate phi(h)) [B_e ...]; writes y once and the fp32 pre-activation h (T, k, r).
+    forward   one launch; a program owns a row block (and a group of N tiles): it first projects its rows of x on
+              the tile's slots (its samples' k experts side by side, x [A_e ...]), then runs its N tiles: the base
+              GEMM (re-reading its rows of x from L2) whose epilogue adds (gate phi(h)) [B_e ...]; y is written
+              once, and the fp32 pre-activation h (T, k, r) for the backward.
     backward  metadata: one tiny launch sorts the n_samples k sample-expert pairs by expert (no host sync).
               Then two launches, each mixing programs of three kinds (MAIN dgrad rows, SIDE_A dA experts,
               SIDE_B dB experts), chosen per shape by `backward_plan`:
-              "t_in_dgrad" (fc1-like, dy larger than x): launch 1 = the dgrad GEMM dx = dy W0 + D [A_e^T ...]
-                  computing t = dy [B_e ...]^T in its K loop (dy read once, by the GEMM that reads it anyway),
-                  D = gate t phi'(h) and d gate, plus the dB programs (they read dy and h, ready before the
-                  launch); launch 2 = the dA programs (they need D).
+              "t_in_dgrad" (fc1-like, dy larger than x): launch 1 = the dgrad GEMM dx = dy W0 + D [A_e^T ...],
+                  each program first passing over its rows of dy for t = dy [B_e ...]^T, D = gate t phi'(h) and
+                  d gate (dy is read by the program that reads it for the GEMM anyway), plus the dB programs
+                  (they read dy and h, ready before the launch); launch 2 = the dA programs (they need D).
               "rank_first" (fc2-like, x larger than dy): launch 1 = a rank pass over dy (t, D, d gate);
                   launch 2 = the dgrad GEMM reading D, plus the dA and dB programs.
               The weight-gradient programs are expert-major grouped GEMMs over the contiguous row segments of each
