@@ -7,7 +7,7 @@ STAMP := $(VENV)/.igsp-installed
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install test test-fast test-interpret demo bench bench-cpu gpu-suite check clean
+.PHONY: install test test-fast test-interpret demo bench bench-cpu perf-model gpu-suite check clean
 
 install: $(STAMP)
 
@@ -44,6 +44,11 @@ bench-cpu: install
 	mkdir -p benchmarks/results
 	$(PY) -m pytest benchmarks/cpu -q --benchmark-json=benchmarks/results/cpu_bench.json
 	$(PY) benchmarks/cpu/report.py benchmarks/results/cpu_bench.json > benchmarks/results/cpu_bench.md
+
+# The performance model's predicted GPU time per kernel of the fused op (runs on the CPU; benchmarks/perf_model.py).
+# Add ARGS=--json for the JSON document (headline case under "headline").
+perf-model: install
+	$(PY) benchmarks/perf_model.py $(ARGS)
 
 # On a GPU machine (installs nothing; see benchmarks/README.md): compiled-kernel tests, benchmark table, throughput.
 gpu-suite:

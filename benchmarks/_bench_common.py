@@ -170,10 +170,12 @@ class Problem:
     b0: torch.Tensor
     dy: torch.Tensor
     scale: float = 0.5
+    tokens_per_sample: int | None = None  # per-sample routing: idx / w are (images, k)
 
 
 def make_problem(case: MoELoRABenchCase, device: str = "cuda", seed: int = 0) -> Problem:
-    """Activations and weights in the case dtype; routing per sample (expanded to its 197 tokens) or per token."""
+    """Activations and weights in the case dtype; routing per sample ((images, k) rows with tokens_per_sample = 197,
+    the layout MoELoRALinear passes) or per token."""
     g = torch.Generator(device=device).manual_seed(seed)
     dt = case.torch_dtype
     T, E, k, r, di, do = case.T, case.E, case.k, case.r, case.d_in, case.d_out
@@ -188,13 +190,11 @@ def make_problem(case: MoELoRABenchCase, device: str = "cuda", seed: int = 0) ->
     logits = torch.randn(rows, E, generator=g, device=device)
     top, idx = torch.softmax(logits, -1).topk(k, -1)
     w = top / top.sum(-1, keepdim=True)
-    if case.routing == "sample":
-        idx = idx.repeat_interleave(TOKENS_PER_IMAGE, 0)
-        w = w.repeat_interleave(TOKENS_PER_IMAGE, 0)
+    L = TOKENS_PER_IMAGE if case.routing == "sample" else None
     W0 = randn(do, di, std=1 / math.sqrt(di))
     b0 = randn(do)
     dy = randn(T, do)
-    return Problem(x, A, B, idx.to(torch.int32), w.contiguous().requires_grad_(), W0, b0, dy)
+    return Problem(x, A, B, idx.to(torch.int32), w.contiguous().requires_grad_(), W0, b0, dy, tokens_per_sample=L)
 
 
 @cache
@@ -212,8 +212,9 @@ def provider_fn(provider: str, p: Problem) -> tuple[Callable[[], torch.Tensor], 
     if provider == "base":
         return (lambda: F.linear(p.x, p.W0, p.b0)), [p.x]
     if provider == "fused":
-        return (lambda: igsp_kernels.moe_lora(p.x, p.A, p.B, p.idx, p.w, backend="triton", **kw)), \
-            [p.x, p.A, p.B, p.w]
+        return (lambda: igsp_kernels.moe_lora(p.x, p.A, p.B, p.idx, p.w, backend="triton",
+                                              tokens_per_sample=p.tokens_per_sample, **kw)), [p.x, p.A, p.B, p.w]
+    kw["tokens_per_sample"] = p.tokens_per_sample or 1
     ref = {"eager": moe_lora_loop, "dense": moe_lora_dense, "smart-dense": moe_lora_smart_dense,
            "compiled": _compiled_ref()}[provider]
     return (lambda: ref(p.x, p.A, p.B, p.idx, p.w, **kw)), [p.x, p.A, p.B, p.w]

@@ -5,10 +5,12 @@
 #
 #   bash benchmarks/gpu_suite.sh OUT_DIR
 #
-# Writes at most 8 files into OUT_DIR:
+# Writes at most 9 files into OUT_DIR:
 #   suite.log            what ran, each step's exit status and duration
 #   env.json             provenance: GPU, driver, clocks, power, torch / triton versions, git SHA, nvidia-smi
-#   gpu_tests.log        pytest -m gpu on tests/kernels (compiled kernels against the reference)
+#   gpu_tests.log        pytest -m gpu on tests/kernels (compiled kernels against the reference, CUDA-graph replay)
+#   perf_measured.json   the performance model calibrated: each kernel's measured time beside its prediction
+#                        (benchmarks/perf_model.py --measure; the same table is printed into suite.log)
 #   bench.json           merged pytest-benchmark JSON of every benchmark step
 #   bench.md, bench.png  the report (benchmarks/report.py): tables, target checks, plot
 #   train_throughput.json  the training-throughput hook (see TRAIN HOOK below)
@@ -73,10 +75,10 @@ print(json.dumps({k: v for k, v in info.items() if k != "nvidia_smi"}))
 EOF
 }
 export -f env_json
-step "env" "$(budget 15 425)" env_json
+step "env" "$(budget 15 435)" env_json
 
 # ---------------------------------------------------------------------------------------------- 2. GPU tests
-# Five pytest processes side by side: the run is dominated by Triton compiling each kernel specialisation on the
+# Six pytest processes side by side: the run is dominated by Triton compiling each kernel specialisation on the
 # CPU (~150 variants, single-threaded per process; the GPU work is tiny), and the machine has 16 cores. The
 # on-disk Triton cache is shared. Configs are pinned (IGSP_KERNELS_AUTOTUNE=0).
 gpu_tests() {
@@ -89,15 +91,27 @@ gpu_tests() {
     run_group 1 "$K/test_triton_moe_lora.py" -k "feature_combinations or weight_gradient_paths" & pids+=($!)
     run_group 2 "$K/test_triton_moe_lora.py" -k "not edge_cases and not feature_combinations and not weight_gradient_paths" \
         & pids+=($!)
-    run_group 3 "$K/test_triton_routing.py" "$K/test_triton_subspace.py" "$K/test_triton_training.py" & pids+=($!)
+    run_group 3 "$K/test_triton_routing.py" "$K/test_triton_subspace.py" "$K/test_triton_training.py" \
+        "$K/test_cuda_graphs.py" & pids+=($!)
     run_group 4 "$K/test_triton_custom_ops.py" & pids+=($!)
+    run_group 5 "$K/test_triton_moe_lora_sample.py" & pids+=($!)
     for p in "${pids[@]}"; do wait "$p" || rc=1; done
     cat "$WORK"/gpu_tests_*.log > "$OUT/gpu_tests.log"
     tail -n 3 "$WORK"/gpu_tests_*.log
     return $rc
 }
 export -f gpu_tests
-step "gpu tests" "$(budget 105 320)" gpu_tests
+step "gpu tests" "$(budget 120 315)" gpu_tests
+
+# ---------------------------------------------------------------------------------------------- 2b. perf model
+# Measured beside predicted for every kernel of the fused op (headline cases first, then the model's table), with
+# the pinned configs the model predicts: the first GPU run calibrates benchmarks/perf_model.py.
+perf_measure() {
+    "$PY" benchmarks/perf_model.py --measure "$OUT/perf_measured.json" --budget "$1"
+}
+export -f perf_measure
+PERF_SECS="$(budget 75 240)"
+step "perf model" "$PERF_SECS" perf_measure "$(( PERF_SECS > 20 ? PERF_SECS - 15 : 5 ))"
 
 # ---------------------------------------------------------------------------------------------- 3. benchmarks
 bench() {  # bench NAME FILE [env assignments...]
@@ -110,13 +124,13 @@ bench() {  # bench NAME FILE [env assignments...]
 }
 export -f bench
 # (a) the headline target case, every provider and mode (torch.compile and autotuning warm up inside it)
-step "bench headline" "$(budget 105 215)" bench headline bench_moe_lora.py IGSP_BENCH_CASES=headline
+step "bench headline" "$(budget 90 150)" bench headline bench_moe_lora.py IGSP_BENCH_CASES=headline
 # (b) the curated cases around it, fwd+bwd, without torch.compile (its per-shape compile does not fit the slot)
-step "bench cases" "$(budget 50 165)" bench cases bench_moe_lora.py IGSP_BENCH_CASES=default \
+step "bench cases" "$(budget 35 115)" bench cases bench_moe_lora.py IGSP_BENCH_CASES=default \
     IGSP_BENCH_MODES=fwd+bwd IGSP_BENCH_PROVIDERS=base,eager,smart-dense,fused
 # (c) the subspace ops over 24 layers, then the top-k gating kernel
-step "bench subspace" "$(budget 25 140)" bench subspace bench_subspace.py
-step "bench routing" "$(budget 20 120)" bench routing bench_routing.py
+step "bench subspace" "$(budget 20 95)" bench subspace bench_subspace.py
+step "bench routing" "$(budget 15 80)" bench routing bench_routing.py
 
 # ---------------------------------------------------------------------------------------------- 4. TRAIN HOOK
 # ViT-B/16 phase-1 steps with the Triton kernels and with the reference backend (benchmarks/train_throughput.py).
@@ -133,7 +147,7 @@ train_hook() {
     eval "$TRAIN_CMD"
 }
 export -f train_hook
-step "train throughput" "$(budget 100 20)" train_hook
+step "train throughput" "$(budget 65 15)" train_hook
 
 # ---------------------------------------------------------------------------------------------- 5. report
 report() {
@@ -144,5 +158,5 @@ report() {
     sed -n '/## Targets/,/^## moe_lora/p' "$OUT/bench.md"
 }
 export -f report
-step "report" 20 report
+step "report" 15 report
 log "done in $(( $(date +%s) - START ))s; files: $(ls "$OUT" | tr '\n' ' ')"

@@ -41,18 +41,22 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 NAMESPACE = "igsp_kernels_cpp"
-# Optional tensors are `Tensor?`. moe_lora_fwd also returns hpre (T k, r) in the accumulation dtype (fp32, fp64 for
-# fp64 x), row t k + j = x[t] A[e] + ba[e] for e = topk_idx[t, j], which moe_lora_bwd takes back. `output_mask`
+# Optional tensors are `Tensor?`. topk_idx / topk_w are (T / L, k) with L = tokens_per_sample (1: per-token rows;
+# L > 1: native per-sample routing, each sample one run of L rows). moe_lora_fwd also returns hpre (T k, r) in the
+# accumulation dtype (fp32, fp64 for fp64 x), row t k + j = x[t] A[e] + ba[e] for e = topk_idx[t // L, j], which
+# moe_lora_bwd takes back. `output_mask`
 # says which of (dx, dA, dB, dw, dba, dbb) to compute: an unrequested gradient comes back as an empty tensor (the
 # bias gradients also when the bias is None).
 SCHEMAS: dict[str, str] = {
     "moe_lora_fwd": (
         "moe_lora_fwd(Tensor x, Tensor A, Tensor B, Tensor topk_idx, Tensor topk_w, Tensor? base_weight, "
-        "Tensor? base_bias, Tensor? bias_a, Tensor? bias_b, float scale, str activation) -> (Tensor, Tensor)"
+        "Tensor? base_bias, Tensor? bias_a, Tensor? bias_b, float scale, str activation, int tokens_per_sample) "
+        "-> (Tensor, Tensor)"
     ),
     "moe_lora_bwd": (
         "moe_lora_bwd(Tensor grad_y, Tensor x, Tensor A, Tensor B, Tensor topk_idx, Tensor topk_w, Tensor hpre, "
-        "Tensor? base_weight, Tensor? bias_a, Tensor? bias_b, float scale, str activation, bool[6] output_mask) "
+        "Tensor? base_weight, Tensor? bias_a, Tensor? bias_b, float scale, str activation, int tokens_per_sample, "
+        "bool[6] output_mask) "
         "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)"
     ),
     "subspace_penalty": (
@@ -72,14 +76,15 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
 
 # ------------------------------------------------------------------------------------------- fake impls
 @torch.library.register_fake(f"{NAMESPACE}::moe_lora_fwd")
-def _moe_lora_fwd_fake(x, A, B, topk_idx, topk_w, base_weight, base_bias, bias_a, bias_b, scale, activation):
+def _moe_lora_fwd_fake(x, A, B, topk_idx, topk_w, base_weight, base_bias, bias_a, bias_b, scale, activation,
+                       tokens_per_sample):
     y = x.new_empty((x.shape[0], B.shape[2]))
-    return y, x.new_empty((topk_idx.numel(), A.shape[2]), dtype=_acc_dtype(x.dtype))
+    return y, x.new_empty((x.shape[0] * topk_idx.shape[1], A.shape[2]), dtype=_acc_dtype(x.dtype))
 
 
 @torch.library.register_fake(f"{NAMESPACE}::moe_lora_bwd")
 def _moe_lora_bwd_fake(grad_y, x, A, B, topk_idx, topk_w, hpre, base_weight, bias_a, bias_b, scale, activation,
-                       output_mask):
+                       tokens_per_sample, output_mask):
     def grad(needed: bool, like: torch.Tensor | None, fallback: torch.Tensor) -> torch.Tensor:
         if like is None:  # a missing bias: an empty tensor in the accumulation dtype, as the kernel returns
             return fallback.new_empty((0,), dtype=_acc_dtype(x.dtype))
@@ -105,7 +110,7 @@ def _project_grad_fake(grads, bases):
 
 # --------------------------------------------------------------------------------------------- autograd
 def _moe_lora_setup_context(ctx: Any, inputs: tuple, output: tuple[torch.Tensor, torch.Tensor]) -> None:
-    x, A, B, topk_idx, topk_w, base_weight, _base_bias, bias_a, bias_b, scale, activation = inputs
+    x, A, B, topk_idx, topk_w, base_weight, _base_bias, bias_a, bias_b, scale, activation, tokens_per_sample = inputs
     hpre = output[1]
     # The inputs and the rank-r pre-activation hpre (T k r floats, 0.2 MB for 1576 tokens at k = 2, r = 16): reading
     # it back saves the backward one x A GEMM per group (~2-3 % of fc2 forward + backward), as the Triton backend
@@ -114,6 +119,7 @@ def _moe_lora_setup_context(ctx: Any, inputs: tuple, output: tuple[torch.Tensor,
     ctx.save_for_backward(x, A, B, topk_idx, topk_w, hpre, base_weight, bias_a, bias_b)
     ctx.scale = scale
     ctx.activation = activation
+    ctx.tokens_per_sample = tokens_per_sample
 
 
 def _moe_lora_backward(ctx: Any, grad_y: torch.Tensor, _grad_hpre: torch.Tensor | None) -> tuple:
@@ -121,7 +127,8 @@ def _moe_lora_backward(ctx: Any, grad_y: torch.Tensor, _grad_hpre: torch.Tensor 
     n = ctx.needs_input_grad
     mask = [n[0], n[1], n[2], n[4], bias_a is not None and n[7], bias_b is not None and n[8]]
     dx, dA, dB, dw, dba, dbb = torch.ops.igsp_kernels_cpp.moe_lora_bwd(
-        grad_y, x, A, B, topk_idx, topk_w, hpre, base_weight, bias_a, bias_b, ctx.scale, ctx.activation, mask
+        grad_y, x, A, B, topk_idx, topk_w, hpre, base_weight, bias_a, bias_b, ctx.scale, ctx.activation,
+        ctx.tokens_per_sample, mask
     )
     pick = lambda needed, g: g if needed else None
     return (
@@ -136,6 +143,7 @@ def _moe_lora_backward(ctx: Any, grad_y: torch.Tensor, _grad_hpre: torch.Tensor 
         pick(mask[5], dbb),  # bias_b
         None,  # scale
         None,  # activation
+        None,  # tokens_per_sample
     )
 
 
@@ -239,17 +247,20 @@ def moe_lora_cpp(
     activation: str,
     bias_a: torch.Tensor | None,
     bias_b: torch.Tensor | None,
+    tokens_per_sample: int = 1,
 ) -> torch.Tensor:
     """MoE-LoRA fused with the optional frozen base linear, on the CPU (inputs validated by functional.moe_lora).
 
-    Shapes: x (T, d_in); A (E, d_in, r); B (E, r, d_out); topk_idx (T, k) int32/int64; topk_w (T, k);
+    Shapes: x (T, d_in); A (E, d_in, r); B (E, r, d_out); topk_idx (T / L, k) int32/int64; topk_w (T / L, k) with
+    L = tokens_per_sample (native per-sample routing for L > 1: each sample is one run of rows);
     base_weight (d_out, d_in); base_bias (d_out,); bias_a (E, r); bias_b (E, d_out). Any float dtypes: the op
     computes in fp32 (fp64 for fp64 x), returns y (T, d_out) in x.dtype and each gradient in its input's dtype.
     Differentiable in x, A, B, topk_w, bias_a and bias_b.
     """
     _require()
     y, _hpre = torch.ops.igsp_kernels_cpp.moe_lora_fwd(
-        x, A, B, topk_idx, topk_w, base_weight, base_bias, bias_a, bias_b, float(scale), activation
+        x, A, B, topk_idx, topk_w, base_weight, base_bias, bias_a, bias_b, float(scale), activation,
+        int(tokens_per_sample)
     )
     return y
 

@@ -8,7 +8,12 @@ Backends other than the reference live in modules that may fail to import (no Tr
 they are loaded lazily on first use, so `import igsp_kernels` works anywhere (STYLE E2, F2).
 
 Contract for a lazily loaded backend module (`OPS_TABLE` below names the functions):
-    moe_lora(x, A, B, topk_idx, topk_w, base_weight, base_bias, scale, activation, bias_a, bias_b) -> y
+    moe_lora(x, A, B, topk_idx, topk_w, base_weight, base_bias, scale, activation, bias_a, bias_b,
+             tokens_per_sample) -> y
+        topk_idx / topk_w are (T / L, k) with L = tokens_per_sample (1: per-token rows; L > 1: routing row b covers
+        rows b L .. b L + L - 1). x, base_weight and base_bias arrive in one dtype (the autocast dtype under
+        autocast); A, B and the expert biases share x's dtype unless the request says `mixed_dtypes` (autocast's
+        fp32 master weights). Each gradient comes back in its input's dtype.
     route_topk(logits, k, active, noise_std, generator) -> (topk_idx int32, topk_w fp32, probs fp32)
     subspace_penalty(mats, bases, lam) -> scalar tensor (differentiable in mats)
     project_grad_(grads, bases) -> None (in place)
@@ -58,9 +63,18 @@ class OpRequest:
     device: torch.device
     dtype: torch.dtype
     activation: str = "identity"
+    #: moe_lora: tokens per routing row (1: per-token routing; L > 1: per-sample routing over contiguous rows).
+    tokens_per_sample: int = 1
+    #: moe_lora: A / B / expert biases in a dtype other than x's (autocast with fp32 master weights).
+    mixed_dtypes: bool = False
 
     def __str__(self) -> str:
-        return f"{self.op}(device={self.device.type}, dtype={str(self.dtype).replace('torch.', '')})"
+        extra = ""
+        if self.tokens_per_sample > 1:
+            extra += f", tokens_per_sample={self.tokens_per_sample}"
+        if self.mixed_dtypes:
+            extra += ", mixed_dtypes"
+        return f"{self.op}(device={self.device.type}, dtype={str(self.dtype).replace('torch.', '')}{extra})"
 
 
 class Backend:
@@ -69,6 +83,9 @@ class Backend:
     name: str = ""
     devices: frozenset[str] = frozenset()
     dtypes: frozenset[torch.dtype] = _FLOATS
+    #: moe_lora capabilities: per-sample routing (tokens_per_sample > 1) and autocast's mixed parameter dtypes.
+    per_sample_routing: bool = True
+    mixed_dtypes: bool = True
 
     def availability(self) -> str | None:
         """None when usable in this process, else why not."""
@@ -89,6 +106,10 @@ class Backend:
             reasons.append(f"dtype {str(request.dtype).replace('torch.', '')} not in supported dtypes {names}")
         if not missing and self.implementation(request.op) is None:
             reasons.append(f"op {request.op!r} is not implemented by this backend")
+        if request.tokens_per_sample > 1 and not self.per_sample_routing:
+            reasons.append("per-sample routing (tokens_per_sample > 1) is not supported")
+        if request.mixed_dtypes and not self.mixed_dtypes:
+            reasons.append("expert parameters in a dtype other than x's (autocast) are not supported")
         return reasons
 
     def __call__(self, op: str, *args: Any) -> Any:
@@ -110,10 +131,10 @@ class ReferenceBackend(Backend):
     def implementation(self, op: str) -> Callable[..., Any] | None:
         from igsp_kernels import reference as ref
 
-        def moe_lora(x, A, B, idx, w, base_weight, base_bias, scale, activation, bias_a, bias_b):
+        def moe_lora(x, A, B, idx, w, base_weight, base_bias, scale, activation, bias_a, bias_b, tokens_per_sample):
             return ref.moe_lora_ref(
                 x, A, B, idx, w, base_weight=base_weight, base_bias=base_bias, scale=scale,
-                activation=activation, bias_a=bias_a, bias_b=bias_b,
+                activation=activation, bias_a=bias_a, bias_b=bias_b, tokens_per_sample=tokens_per_sample,
             )
 
         def route_topk(logits, k, active, noise_std, generator):

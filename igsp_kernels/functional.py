@@ -7,6 +7,7 @@ no silent garbage). Then `igsp_kernels.backends.select_backend` picks the implem
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable, Sequence
 from typing import Any, Literal
@@ -14,6 +15,7 @@ from typing import Any, Literal
 import torch
 
 from igsp_kernels import _env
+from igsp_kernels._dtypes import autocast_dtype, cast_frozen, check_same_dtype
 from igsp_kernels.backends import OpRequest, select_backend
 from igsp_kernels.reference.moe_lora import ACTIVATIONS
 from igsp_kernels.reference.routing import expand_sample_routing
@@ -122,18 +124,19 @@ _TRACED_IMPLS = _TracedImpls()
 
 @torch.compiler.assume_constant_result
 def _traced_choice(op: str, device_type: str, device_index: int, dtype: torch.dtype, activation: str,
-                   backend: str) -> str:
+                   backend: str, tokens_per_sample: int = 1, mixed_dtypes: bool = False) -> str:
     """Run select_backend for a traced call, outside the graph (it imports lazily, reads IGSP_KERNELS_* flags and
     logs: each a graph break if traced) and return the key of the chosen implementation in `_TRACED_IMPLS`."""
     device = torch.device(device_type, device_index) if device_index >= 0 else torch.device(device_type)
-    chosen = select_backend(OpRequest(op, device, dtype, activation), backend)
+    chosen = select_backend(OpRequest(op, device, dtype, activation, tokens_per_sample, mixed_dtypes), backend)
     key = f"{op}__{chosen.name}"
     setattr(_TRACED_IMPLS, key, chosen.implementation(op))
     return key
 
 
 def _dispatch(op: str, device: torch.device, dtype: torch.dtype, backend: str,
-              activation: str = "identity") -> Callable[..., Any]:
+              activation: str = "identity", *, tokens_per_sample: int = 1,
+              mixed_dtypes: bool = False) -> Callable[..., Any]:
     """The implementation `select_backend` picks for `op` on inputs of `device` and `dtype`.
 
     Under torch.compile/export the choice is made once per compilation, at trace time, and baked into the graph:
@@ -141,9 +144,9 @@ def _dispatch(op: str, device: torch.device, dtype: torch.dtype, backend: str,
     """
     if torch.compiler.is_compiling():
         index = -1 if device.index is None else device.index
-        key = _traced_choice(op, device.type, index, dtype, activation, backend)
+        key = _traced_choice(op, device.type, index, dtype, activation, backend, tokens_per_sample, mixed_dtypes)
         return getattr(_TRACED_IMPLS, key)
-    chosen = select_backend(OpRequest(op, device, dtype, activation), backend)
+    chosen = select_backend(OpRequest(op, device, dtype, activation, tokens_per_sample, mixed_dtypes), backend)
     return lambda *args: chosen(op, *args)
 
 
@@ -210,26 +213,39 @@ def moe_lora(
     scale: float = 1.0,
     activation: Activation = "identity",
     expert_bias: tuple[torch.Tensor | None, torch.Tensor | None] | None = None,
+    tokens_per_sample: int | None = None,
     backend: BackendName = "auto",
 ) -> torch.Tensor:
     """Routed mixture of LoRA experts, fused with an optional frozen base linear.
 
-    Semantics: y[t] = x[t] W0^T + b0 + scale * sum_j w[t,j] * (phi(x[t] A[e] + ba[e]) B[e] + bb[e]), e = idx[t,j].
+    Semantics: y[t] = x[t] W0^T + b0 + scale * sum_j w[b,j] * (phi(x[t] A[e] + ba[e]) B[e] + bb[e]), e = idx[b,j],
+    b = t // L with L = tokens_per_sample (b = t for per-token routing).
 
     Args:
         x: (T, d_in) fp16/bf16/fp32/fp64 token rows.
-        A: (E, d_in, r) expert down-projections; B: (E, r, d_out) expert up-projections (any float dtype,
-            computed with fp32 accumulation).
-        topk_idx: (T, k) int32/int64 expert of each assignment, in [0, E).
-        topk_w: (T, k) float gate of each assignment (differentiable; flows on to the router).
+        A: (E, d_in, r) expert down-projections; B: (E, r, d_out) expert up-projections.
+        topk_idx: (T / L, k) int32/int64 expert of each assignment, in [0, E).
+        topk_w: (T / L, k) float gate of each assignment (differentiable; flows on to the router).
         base_weight: optional frozen (d_out, d_in) weight W0; base_bias: optional frozen (d_out,) b0.
             Without a base this is the parallel-adapter form. A base that requires grad is an error.
         scale: the LoRA scale s.
         activation: phi, "identity" (LoRA) or "relu" (adapter parity with MoE-Adapters).
         expert_bias: optional (ba (E, r) or None, bb (E, d_out) or None) per-expert biases.
+        tokens_per_sample: None (per-token routing: one routing row per row of x) or L >= 1: per-sample routing,
+            the routing row b covers the L consecutive rows b L .. b L + L - 1 of x (a (B, L, d) input flattened
+            to (B L, d)); L must divide T. The kernels then work on the B k sample-expert pairs and never build
+            (T, k) tensors.
         backend: "auto" (Triton on CUDA, the C++ extension on CPU when built, else the reference) or a name.
     Returns:
-        y: (T, d_out) in x.dtype. Gradients reach x, A, B, topk_w and the expert biases.
+        y: (T, d_out) in x.dtype (in the autocast dtype under autocast). Gradients reach x, A, B, topk_w and the
+        expert biases, each in its input's dtype.
+
+    Dtypes (every backend): outside autocast, x, A, B, base_weight, base_bias and expert_bias share one floating
+    dtype, else TypeError (torch.matmul refuses mixed dtypes too); topk_w may be any float dtype. Under
+    `torch.autocast` for x's device type the op is an autocast op: x, base_weight and base_bias are used in the
+    autocast dtype (the frozen weight's low-precision copy is made once and reused while it is unchanged,
+    `igsp_kernels._dtypes.cast_frozen`), A, B and the expert biases may stay fp32 master weights, the rank-r
+    intermediate is accumulated and kept in fp32, and y is in the autocast dtype. float64 x is never autocast.
     """
     _check_tensor("x", x, ndim=2, dtypes=_FLOAT_DTYPES)
     dev = x.device
@@ -244,14 +260,22 @@ def moe_lora(
     if B.shape[0] != E or B.shape[1] != r:
         raise ValueError(f"B must have shape ({E}, {r}, d_out) (E, r from A), got {tuple(B.shape)}")
     d_out = B.shape[2]
+    L = 1 if tokens_per_sample is None else tokens_per_sample
+    if isinstance(L, bool) or not isinstance(L, int) or L < 1:
+        raise ValueError(f"tokens_per_sample must be None or an int >= 1, got {tokens_per_sample!r}")
+    if T % L:
+        raise ValueError(f"tokens_per_sample={L} must divide the number of rows of x (T = x.shape[0] = {T}): "
+                         f"every sample has the same L tokens")
+    rows = T // L
+    what = "T = x.shape[0]" if L == 1 else f"T / tokens_per_sample = {T} / {L}"
     _check_tensor("topk_idx", topk_idx, ndim=2, dtypes=_INDEX_DTYPES, device=dev)
-    if topk_idx.shape[0] != T:
-        raise ValueError(f"topk_idx must have shape ({T}, k) (T = x.shape[0]), got {tuple(topk_idx.shape)}")
+    if topk_idx.shape[0] != rows:
+        raise ValueError(f"topk_idx must have shape ({rows}, k) ({what}), got {tuple(topk_idx.shape)}")
     k = topk_idx.shape[1]
     if not 1 <= k <= E:
         raise ValueError(f"topk_idx.shape[1] (k) must lie in [1, {E}] (E = A.shape[0]), got {k}")
     _check_tensor("topk_w", topk_w, ndim=2, dtypes=_FLOAT_DTYPES, device=dev)
-    _check_shape("topk_w", topk_w, (T, k), "same as topk_idx")
+    _check_shape("topk_w", topk_w, (rows, k), "same as topk_idx")
     if base_weight is not None:
         _check_tensor("base_weight", base_weight, ndim=2, dtypes=_FLOAT_DTYPES, device=dev)
         _check_shape("base_weight", base_weight, (d_out, d_in), "(d_out, d_in) with d_out = B.shape[2]")
@@ -278,8 +302,20 @@ def moe_lora(
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
     _check_index_range("topk_idx", topk_idx, E, "E = A.shape[0]")
-    impl = _dispatch("moe_lora", dev, x.dtype, backend, activation)
-    return impl(x, A, B, topk_idx, topk_w, base_weight, base_bias, float(scale), activation, bias_a, bias_b)
+    # The dtype rule (igsp_kernels/_dtypes.py): one dtype outside autocast; under autocast x and the frozen base in
+    # the autocast dtype (a cached copy of the weight), A / B / expert biases as given.
+    ac = autocast_dtype(x)
+    params = (("A", A), ("B", B), ("expert_bias[0]", bias_a), ("expert_bias[1]", bias_b))
+    if ac is None:
+        check_same_dtype(x, (*params[:2], ("base_weight", base_weight), ("base_bias", base_bias), *params[2:]))
+    else:
+        x = x.to(ac)
+        base_weight, base_bias = cast_frozen(base_weight, ac), cast_frozen(base_bias, ac)
+    mixed = any(t is not None and t.dtype != x.dtype for _, t in params)
+    impl = _dispatch("moe_lora", dev, x.dtype, backend, activation, tokens_per_sample=L, mixed_dtypes=mixed)
+    # The backends implement the rule themselves; torch's autocast must not re-cast their inner matmuls.
+    with torch.autocast(dev.type, enabled=False) if ac is not None else contextlib.nullcontext():
+        return impl(x, A, B, topk_idx, topk_w, base_weight, base_bias, float(scale), activation, bias_a, bias_b, L)
 
 
 # --------------------------------------------------------------------------------------------- subspace

@@ -61,7 +61,6 @@ from igsp_kernels.functional import (
     route_topk,
 )
 from igsp_kernels.reference.moe_lora import moe_lora_ref
-from igsp_kernels.reference.routing import expand_sample_routing
 
 __all__ = [
     "MoELoRALinear",
@@ -669,42 +668,46 @@ class MoELoRALinear(nn.Module):
             idx, w, probs, L = self._check_decision(routing, x)
         if self.training:
             self._record_usage(idx, w, probs)
+        tokens_per_sample = None
         if L > 1:
-            if self.batch_first:
-                idx, w = expand_sample_routing(idx, w, L)
-            else:  # rows of an (L, B, d) input are ordered l * B + b
+            if self.batch_first:  # sample b owns the contiguous rows b * L .. b * L + L - 1: per-sample kernels
+                tokens_per_sample = L
+            else:  # rows of an (L, B, d) input are ordered l * B + b: the token path
                 idx, w = idx.repeat(L, 1), w.repeat(L, 1)
         A, B, eb = self.expert_weights()
         x2 = x.reshape(-1, self.in_features)
         base_w = None if base is None else base.weight
         base_b = None if base is None else base.bias
-        ac = _autocast_dtype(x)
-        if ac is not None:
-            # Autocast as nn.Linear sees it: the input and the base weight in the autocast dtype; the experts keep
-            # theirs (the ops accumulate in fp32). Run the op with autocast off so no GEMM inside is re-cast.
-            x2 = x2.to(ac)
-            base_w = None if base_w is None else base_w.to(ac)
-            base_b = None if base_b is None else base_b.to(ac)
-        with _no_autocast(x):
-            if self.training and self.expert_dropout > 0:
-                y = self._dropout_forward(x2, A, B, idx, w, base_w, base_b, eb)
-            else:
-                y = moe_lora(x2, A, B, idx, w, base_weight=base_w, base_bias=base_b, scale=self.scale,
-                             activation=self.activation, expert_bias=eb, backend=self.backend)
+        if self.training and self.expert_dropout > 0:
+            y = self._dropout_forward(x2, A, B, idx, w, base_w, base_b, eb, tokens_per_sample or 1)
+        else:
+            # Under autocast moe_lora is an autocast op (igsp_kernels/_dtypes.py): x and the frozen base in the
+            # autocast dtype (a cached copy of the weight), the experts in theirs with fp32 accumulation.
+            y = moe_lora(x2, A, B, idx, w, base_weight=base_w, base_bias=base_b, scale=self.scale,
+                         activation=self.activation, expert_bias=eb, tokens_per_sample=tokens_per_sample,
+                         backend=self.backend)
         return y.reshape(*x.shape[:-1], self.out_features)
 
     def _dropout_forward(self, x2: torch.Tensor, A: torch.Tensor, B: torch.Tensor, idx: torch.Tensor,
                          w: torch.Tensor, base_w: torch.Tensor | None, base_b: torch.Tensor | None,
-                         eb: ExpertBias | None) -> torch.Tensor:
+                         eb: ExpertBias | None, tokens_per_sample: int) -> torch.Tensor:
         """Training with expert dropout: each assignment's hidden activation phi(x A_e + ba_e) (T, k, r) times an
         inverted-dropout mask (MoE-Adapters: dropout(p) after the adapter's ReLU, before up_proj), computed by the
-        eager reference: the fused kernels take no mask (logged once at construction)."""
-        T, k = idx.shape
+        eager reference: the fused kernels take no mask (logged once at construction). Under autocast, as
+        moe_lora: x and the base in the autocast dtype, the experts in theirs (the reference accumulates in fp32)."""
+        T, k = x2.shape[0], idx.shape[1]
         keep = 1.0 - self.expert_dropout
         mask = torch.empty(T, k, self.rank, device=x2.device).bernoulli_(keep).div_(keep)
-        return moe_lora_ref(x2, A, B, idx, w, base_weight=base_w, base_bias=base_b, scale=self.scale,
-                            activation=self.activation, bias_a=None if eb is None else eb[0],
-                            bias_b=None if eb is None else eb[1], hidden_mask=mask)
+        ac = _autocast_dtype(x2)
+        if ac is not None and x2.dtype != torch.float64:
+            x2 = x2.to(ac)
+            base_w = None if base_w is None else base_w.to(ac)
+            base_b = None if base_b is None else base_b.to(ac)
+        with _no_autocast(x2):
+            return moe_lora_ref(x2, A, B, idx, w, base_weight=base_w, base_bias=base_b, scale=self.scale,
+                                activation=self.activation, bias_a=None if eb is None else eb[0],
+                                bias_b=None if eb is None else eb[1], hidden_mask=mask,
+                                tokens_per_sample=tokens_per_sample)
 
     def _route_backend(self) -> BackendName:
         # The C++ extension has no routing op: let routing dispatch on its own when cpp is forced.

@@ -15,6 +15,7 @@ import torch
 
 __all__ = [
     "MOE_LORA_EDGE_CASES",
+    "MOE_LORA_SAMPLE_CASES",
     "ROUTE_EDGE_CASES",
     "SUBSPACE_EDGE_CASES",
     "TOLERANCES",
@@ -29,7 +30,7 @@ __all__ = [
     "tolerance",
 ]
 
-Routing = Literal["token", "sample", "one_expert", "skip_expert", "all_experts", "repeat"]
+Routing = Literal["token", "sample", "one_expert", "skip_expert", "all_experts", "repeat", "zero_gate"]
 
 # Per-dtype (atol, rtol) for a result whose entries are sums of ~1 terms of unit size; `tolerance` widens atol
 # with the square root of the reduction length (rounding errors of a sum grow like sqrt(n)). fp16/bf16 entries are
@@ -91,6 +92,23 @@ MOE_LORA_EDGE_CASES: tuple[MoELoRACase, ...] = (
                 why="the same expert twice in a row: its two slots add up (the reference's scatter_add)"),
 )
 
+# Per-sample routing passed natively (topk_idx (T / L, k), `tokens_per_sample=L`): each case's L crosses the
+# interpreter's 16-row tiles differently. Inputs from `make_moe_lora_inputs(case, per_sample=True)`.
+MOE_LORA_SAMPLE_CASES: tuple[MoELoRACase, ...] = (
+    MoELoRACase("odd_L", 39, 40, 36, 5, 5, 2, routing="sample", tokens_per_sample=13,
+                why="L = 13 is a multiple of no block: every 16-row tile spans 2-3 samples; rank 5 padded to 16"),
+    MoELoRACase("one_sample", 37, 33, 19, 3, 4, 2, routing="sample", tokens_per_sample=37,
+                why="B = 1: one sample, one routing row, most experts empty"),
+    MoELoRACase("zero_gate", 30, 24, 20, 4, 6, 2, routing="zero_gate", tokens_per_sample=10,
+                why="a sample routed to an expert with gate 0 (pruned/off): no contribution, d topk_w still exact"),
+    MoELoRACase("k_equals_E", 27, 24, 20, 4, 3, 3, routing="all_experts", tokens_per_sample=9,
+                why="k = E: every expert in every sample, 3 samples"),
+    MoELoRACase("one_expert", 48, 24, 20, 4, 4, 2, routing="one_expert", tokens_per_sample=16,
+                why="every sample's first expert is 0: expert 0 takes every sample; L = 16 = one tile"),
+    MoELoRACase("long_L", 66, 24, 20, 4, 5, 2, routing="sample", tokens_per_sample=33,
+                why="L = 33 > 2 tiles: tiles inside one sample and tiles crossing a boundary"),
+)
+
 
 @dataclass
 class MoELoRAInputs:
@@ -107,6 +125,8 @@ class MoELoRAInputs:
     bias_b: torch.Tensor | None
     scale: float
     activation: str
+    #: None: topk_idx / topk_w have one row per token; L: one row per sample of L consecutive tokens.
+    tokens_per_sample: int | None = None
 
     def leaves(self) -> list[torch.Tensor]:
         out = [self.x, self.A, self.B, self.topk_w]
@@ -120,12 +140,13 @@ class MoELoRAInputs:
         """Keyword arguments of `igsp_kernels.moe_lora` (besides x, A, B, topk_idx, topk_w)."""
         eb = None if self.bias_a is None and self.bias_b is None else (self.bias_a, self.bias_b)
         return {"base_weight": self.base_weight, "base_bias": self.base_bias, "scale": self.scale,
-                "activation": self.activation, "expert_bias": eb}
+                "activation": self.activation, "expert_bias": eb, "tokens_per_sample": self.tokens_per_sample}
 
     def ref_kwargs(self) -> dict:
         """Keyword arguments of the reference functions (`moe_lora_ref`, `moe_lora_loop`, ...)."""
         return {"base_weight": self.base_weight, "base_bias": self.base_bias, "scale": self.scale,
-                "activation": self.activation, "bias_a": self.bias_a, "bias_b": self.bias_b}
+                "activation": self.activation, "bias_a": self.bias_a, "bias_b": self.bias_b,
+                "tokens_per_sample": self.tokens_per_sample or 1}
 
     def to(self, dtype: torch.dtype | None = None, device: torch.device | str | None = None,
            param_dtype: torch.dtype | None = None) -> MoELoRAInputs:
@@ -145,11 +166,21 @@ class MoELoRAInputs:
             cv(self.x, dtype, True), cv(self.A, pdt, True), cv(self.B, pdt, True), cv(self.topk_idx, None, False),
             cv(self.topk_w, gate_dt, True), cv(self.base_weight, dtype, False), cv(self.base_bias, dtype, False),
             cv(self.bias_a, pdt, True), cv(self.bias_b, pdt, True), self.scale, self.activation,
+            self.tokens_per_sample,
         )
 
 
-def make_routing(case: MoELoRACase, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """(topk_idx int32 (T, k), topk_w fp32 (T, k) rows summing to 1) following `case.routing`."""
+def make_routing(case: MoELoRACase, generator: torch.Generator, *, per_sample: bool = False
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(topk_idx int32, topk_w fp32 rows summing to 1) following `case.routing`: (T, k) token rows, or with
+    `per_sample` the (T / L, k) sample rows of native per-sample routing (L = case.tokens_per_sample)."""
+    L = case.tokens_per_sample
+    if case.T % L:
+        raise ValueError(f"T={case.T} must be a multiple of tokens_per_sample={L}")
+    if case.routing != "sample" and L > 1:  # any other pattern drawn per sample, then (unless native) per token
+        idx, w = make_routing(MoELoRACase(case.name, case.T // L, case.d_in, case.d_out, case.r, case.E, case.k,
+                                          routing=case.routing), generator)
+        return (idx, w) if per_sample else (idx.repeat_interleave(L, 0), w.repeat_interleave(L, 0))
     T, E, k, g = case.T, case.E, case.k, generator
 
     def distinct(n_rows: int, pool: int) -> torch.Tensor:  # k distinct experts per row, uniformly at random
@@ -158,9 +189,6 @@ def make_routing(case: MoELoRACase, generator: torch.Generator) -> tuple[torch.T
     if case.routing == "token":
         idx = distinct(T, E)
     elif case.routing == "sample":
-        L = case.tokens_per_sample
-        if T % L:
-            raise ValueError(f"T={T} must be a multiple of tokens_per_sample={L}")
         idx = distinct(T // L, E).repeat_interleave(L, dim=0)
     elif case.routing == "one_expert":
         if k == 1:
@@ -176,11 +204,17 @@ def make_routing(case: MoELoRACase, generator: torch.Generator) -> tuple[torch.T
     elif case.routing == "repeat":
         idx = distinct(T, E)
         idx[:, -1] = idx[:, 0]
+    elif case.routing == "zero_gate":
+        idx = distinct(T, E)
     else:
         raise ValueError(f"unknown routing {case.routing!r}")
     w = torch.softmax(torch.randn(T, k, generator=g), dim=-1)
+    if case.routing == "zero_gate":  # row 0's last expert is switched off (a pruned expert, or a task set off)
+        w[0, -1] = 0.0
     if case.routing == "sample":
-        w = w[:: case.tokens_per_sample].repeat_interleave(case.tokens_per_sample, dim=0)
+        w = w[::L].repeat_interleave(L, dim=0)
+        if per_sample:
+            idx, w = idx[::L], w[::L]
     return idx.to(torch.int32), w
 
 
@@ -195,22 +229,25 @@ def make_moe_lora_inputs(
     activation: str = "identity",
     scale: float = 0.5,
     seed: int = 0,
+    per_sample: bool = False,
 ) -> MoELoRAInputs:
     """Random inputs of unit-scale outputs: x ~ N(0, 1), A ~ N(0, 1/d_in), B ~ N(0, 1/r), W0 ~ N(0, 1/d_in).
 
     B is random (not LoRA's zero init) so every gradient path carries signal. Differentiable leaves require grad.
+    `per_sample`: routing as (T / L, k) sample rows with `tokens_per_sample = L` (native per-sample routing).
     """
     g = torch.Generator().manual_seed(seed)
     T, d_in, d_out, r, E = case.T, case.d_in, case.d_out, case.r, case.E
     x = torch.randn(T, d_in, generator=g)
     A = torch.randn(E, d_in, r, generator=g) / math.sqrt(d_in)
     B = torch.randn(E, r, d_out, generator=g) / math.sqrt(r)
-    idx, w = make_routing(case, g)
+    idx, w = make_routing(case, g, per_sample=per_sample)
     W0 = torch.randn(d_out, d_in, generator=g) / math.sqrt(d_in) if base else None
     b0 = torch.randn(d_out, generator=g) if base else None
     ba = torch.randn(E, r, generator=g) if expert_bias else None
     bb = torch.randn(E, d_out, generator=g) if expert_bias else None
-    raw = MoELoRAInputs(x, A, B, idx, w, W0, b0, ba, bb, scale, activation)
+    raw = MoELoRAInputs(x, A, B, idx, w, W0, b0, ba, bb, scale, activation,
+                        case.tokens_per_sample if per_sample else None)
     return raw.to(dtype=dtype, device=device, param_dtype=param_dtype)
 
 

@@ -23,6 +23,7 @@ from igsp_kernels.reference import (
 )
 from igsp_kernels.testing import (
     MOE_LORA_EDGE_CASES,
+    MOE_LORA_SAMPLE_CASES,
     SUBSPACE_EDGE_CASES,
     MoELoRACase,
     assert_close_lowp,
@@ -63,7 +64,8 @@ def output_grad(case: MoELoRACase, dtype: torch.dtype) -> torch.Tensor:
 
 
 def check_exact(case: MoELoRACase, dtype=torch.float32, **features) -> None:
-    """ours vs the float64 reference with the per-dtype tolerance (fp32, fp64)."""
+    """ours vs the float64 reference with the per-dtype tolerance (fp32, fp64); per_sample=True passes the routing
+    natively as (T / L, k) sample rows."""
     inp = make_moe_lora_inputs(case, dtype=dtype, **features)
     dy = output_grad(case, dtype)
     y, grads = run(inp, dy)
@@ -81,6 +83,13 @@ def check_exact(case: MoELoRACase, dtype=torch.float32, **features) -> None:
 def test_edge_cases_fp32(case):
     # base linear + bias + expert biases: every gradient path of the op is live (each case says why it is here)
     check_exact(case, base=True, expert_bias=True)
+
+
+@pytest.mark.parametrize("case", MOE_LORA_SAMPLE_CASES, ids=lambda c: c.name)
+def test_native_per_sample_routing_fp32(case):
+    # topk_idx (B, k) with tokens_per_sample = L: each sample is one run, its gates broadcast over the run and
+    # d topk_w summed over its rows (each case says which boundary it hits)
+    check_exact(case, base=True, expert_bias=True, activation="relu", per_sample=True)
 
 
 @pytest.mark.parametrize("features", [
@@ -137,18 +146,22 @@ def test_float64():
     check_exact(RUN_CASES[0], dtype=torch.float64, base=True, expert_bias=True, activation="relu")
 
 
-@pytest.mark.parametrize("case", [MoELoRACase("tiny", 5, 6, 7, 3, 3, 2),
-                                  MoELoRACase("tiny_runs", 64, 5, 4, 2, 3, 2, routing="sample", tokens_per_sample=32)],
-                         ids=["experts", "runs"])
-def test_gradcheck_float64(case):
+@pytest.mark.parametrize("case,per_sample", [
+    (MoELoRACase("tiny", 5, 6, 7, 3, 3, 2), False),
+    (MoELoRACase("tiny_runs", 64, 5, 4, 2, 3, 2, routing="sample", tokens_per_sample=32), False),
+    (MoELoRACase("tiny_samples", 12, 5, 4, 2, 3, 2, routing="sample", tokens_per_sample=4), True),
+], ids=["experts", "runs", "native_sample"])
+def test_gradcheck_float64(case, per_sample):
     # The registered autograd formula in fp64 against finite differences (fast mode: random projections).
-    inp = make_moe_lora_inputs(case, dtype=torch.float64, base=True, expert_bias=True, activation="relu")
+    inp = make_moe_lora_inputs(case, dtype=torch.float64, base=True, expert_bias=True, activation="relu",
+                               per_sample=per_sample)
     with torch.no_grad():  # keep the ReLU inputs away from 0 so finite differences never straddle the kink
         inp.bias_a.add_(torch.sign(inp.bias_a) * 2.0)
 
     def f(x, A, B, w, ba, bb):
         return ik.moe_lora(x, A, B, inp.topk_idx, w, base_weight=inp.base_weight, base_bias=inp.base_bias,
-                           scale=0.7, activation="relu", expert_bias=(ba, bb), backend="cpp")
+                           scale=0.7, activation="relu", expert_bias=(ba, bb), backend="cpp",
+                           tokens_per_sample=inp.tokens_per_sample)
 
     assert torch.autograd.gradcheck(f, tuple(inp.leaves()), fast_mode=True, atol=1e-7, rtol=1e-5)
 
@@ -157,7 +170,9 @@ def test_gradcheck_float64(case):
 def check_lowp(case: MoELoRACase, dtype, param_dtype=None, **features) -> None:
     inp = make_moe_lora_inputs(case, dtype=dtype, param_dtype=param_dtype, **features)
     dy = output_grad(case, dtype)
-    y, grads = run(inp, dy)
+    # fp32 master parameters with low-precision activations is the autocast layout (outside autocast it is refused)
+    with torch.autocast("cpu", dtype=dtype, enabled=param_dtype is not None and param_dtype != dtype):
+        y, grads = run(inp, dy)
     y_eager, grads_eager = run(inp.to(dtype, param_dtype=param_dtype), dy, moe_lora_loop)
     y_ref, grads_ref = run(inp.to(torch.float64), dy.double(), moe_lora_ref)
     atol, _ = tolerance(dtype, max(case.d_in, case.d_out, case.T))
@@ -175,11 +190,12 @@ def test_bfloat16_relative_to_eager(case_name):
                activation="relu")
 
 
-@pytest.mark.parametrize("case_name", ["per_sample", "runs"])
+@pytest.mark.parametrize("case_name", ["per_sample", "runs", "odd_L"])
 def test_fp32_params_with_bf16_activations(case_name):
     # The autocast layout: fp32 expert parameters, bf16 activations. y and dx in bf16, dA/dB/biases in fp32.
-    check_lowp({**CASES, **{c.name: c for c in RUN_CASES}}[case_name], torch.bfloat16, param_dtype=torch.float32,
-               base=True, expert_bias=True)
+    cases = {**CASES, **{c.name: c for c in (*RUN_CASES, *MOE_LORA_SAMPLE_CASES)}}
+    check_lowp(cases[case_name], torch.bfloat16, param_dtype=torch.float32, base=True, expert_bias=True,
+               per_sample=case_name == "odd_L")
 
 
 # ------------------------------------------------------------------------------------------------ behaviour
@@ -268,7 +284,7 @@ def test_kernel_checks_indices_on_direct_calls():
     bad[3, 1] = 99
     with pytest.raises(RuntimeError, match=r"topk_idx values must lie in \[0, 5\), got 99"):
         OPS.moe_lora_fwd(inp.x.detach(), inp.A.detach(), inp.B.detach(), bad, inp.topk_w.detach(), None, None, None,
-                         None, 1.0, "identity")
+                         None, 1.0, "identity", 1)
 
 
 def test_forced_cpp_refuses_float16_with_reason():
@@ -370,17 +386,19 @@ def test_project_grad_in_place(dtype):
 
 
 # ---------------------------------------------------------------------------------------------------- opcheck
-def _moe_op_args(case: MoELoRACase, relu: bool):
-    inp = make_moe_lora_inputs(case, expert_bias=True, activation="relu" if relu else "identity")
+def _moe_op_args(case: MoELoRACase, relu: bool, per_sample: bool = False):
+    inp = make_moe_lora_inputs(case, expert_bias=True, activation="relu" if relu else "identity",
+                               per_sample=per_sample)
     return inp, tuple(t.detach() for t in (inp.x, inp.A, inp.B, inp.topk_w, inp.bias_a, inp.bias_b))
 
 
-@pytest.mark.parametrize("case", [CASES["odd"], RUN_CASES[0]], ids=["experts", "runs"])
-def test_opcheck_moe_lora_fwd(case):
-    inp, (x, A, B, w, ba, bb) = _moe_op_args(case, relu=False)
+@pytest.mark.parametrize("case,per_sample", [(CASES["odd"], False), (RUN_CASES[0], False), (RUN_CASES[0], True)],
+                         ids=["experts", "runs", "native_sample"])
+def test_opcheck_moe_lora_fwd(case, per_sample):
+    inp, (x, A, B, w, ba, bb) = _moe_op_args(case, relu=False, per_sample=per_sample)
     # requires_grad inputs so test_autograd_registration sees the registered backward
     args = (x.requires_grad_(), A.requires_grad_(), B, inp.topk_idx, w, inp.base_weight, inp.base_bias, ba, bb,
-            0.5, "identity")
+            0.5, "identity", inp.tokens_per_sample or 1)
     torch.library.opcheck(OPS.moe_lora_fwd.default, args)
 
 
@@ -389,9 +407,9 @@ def test_opcheck_moe_lora_bwd(mask):
     case = CASES["odd"]
     inp, (x, A, B, w, ba, bb) = _moe_op_args(case, relu=True)
     dy = output_grad(case, torch.float32)
-    _, hpre = OPS.moe_lora_fwd(x, A, B, inp.topk_idx, w, inp.base_weight, inp.base_bias, ba, bb, 0.5, "relu")
+    _, hpre = OPS.moe_lora_fwd(x, A, B, inp.topk_idx, w, inp.base_weight, inp.base_bias, ba, bb, 0.5, "relu", 1)
     torch.library.opcheck(OPS.moe_lora_bwd.default, (dy, x, A, B, inp.topk_idx, w, hpre, inp.base_weight, ba, bb,
-                                                      0.5, "relu", mask))
+                                                      0.5, "relu", 1, mask))
 
 
 @pytest.mark.parametrize("case", [CASES["odd"], RUN_CASES[0]], ids=["experts", "runs"])
@@ -402,7 +420,7 @@ def test_saved_pre_activation(case):
     for dtype in (torch.float32, torch.bfloat16):
         inp, (x, A, B, w, ba, bb) = _moe_op_args(case, relu=True)
         x, A = x.to(dtype), A.to(dtype)
-        _, hpre = OPS.moe_lora_fwd(x, A, B, inp.topk_idx, w, None, None, ba, bb, 0.5, "relu")
+        _, hpre = OPS.moe_lora_fwd(x, A, B, inp.topk_idx, w, None, None, ba, bb, 0.5, "relu", 1)
         T, k = inp.topk_idx.shape
         e = inp.topk_idx.long().reshape(-1)
         want = torch.einsum("ad,adr->ar", x.double().repeat_interleave(k, 0), A.double()[e]) + ba.double()[e]

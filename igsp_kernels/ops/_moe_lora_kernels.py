@@ -106,6 +106,8 @@ def prune_gemm_configs(configs: list[triton.Config], named_args: dict, **kwargs)
     """Drop tiles that overflow shared memory for the operand dtype, or are far larger than the problem."""
     a = _args(named_args, kwargs)
     elt = _ELT[a["OP_DT"]]
+    # the epilogue's expert tile (B forward, A dx) in its own dtype: fp32 master weights beside bf16 activations
+    lora = next((t.element_size() for t in (a.get("b_ptr"), a.get("a_ptr")) if hasattr(t, "element_size")), elt)
     rank_tile = a["BLOCK_R"]
     m_cap = max(16, next_pow2(a["T"]))
     n_cap = max(16, next_pow2(a["N_OUT"]))
@@ -115,7 +117,7 @@ def prune_gemm_configs(configs: list[triton.Config], named_args: dict, **kwargs)
     fits = []
     for c in configs:
         bm, bn, bk = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"]
-        smem = smem_bytes(c.num_stages, bm * bk * elt, bk * bn * elt) + rank_tile * bn * elt + bm * rank_tile * elt
+        smem = smem_bytes(c.num_stages, bm * bk * elt, bk * bn * elt) + rank_tile * bn * lora + bm * rank_tile * elt
         fits.append(smem <= _SMEM_BUDGET and bm <= max(64, m_cap) and bn <= max(64, n_cap) and not (fma and bk > 32))
     kept = _keep(configs, fits)
     if fma:  # pinned default for FMA code: a 128 x 64 tile (a 128 x 256 fp32 accumulator would spill registers)
@@ -126,22 +128,28 @@ def prune_gemm_configs(configs: list[triton.Config], named_args: dict, **kwargs)
 def prune_shrink_configs(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
     a = _args(named_args, kwargs)
     elt = _ELT[a["OP_DT"]]
+    lora = a["a_ptr"].element_size() if hasattr(a.get("a_ptr"), "element_size") else elt
     s, br = a["BLOCK_S"], a["BLOCK_R"]
-    fits = [smem_bytes(c.num_stages, s * c.kwargs["BLOCK_K"] * elt, c.kwargs["BLOCK_K"] * br * elt) <= _SMEM_BUDGET
+    fits = [smem_bytes(c.num_stages, s * c.kwargs["BLOCK_K"] * elt, c.kwargs["BLOCK_K"] * br * lora) <= _SMEM_BUDGET
             for c in configs]
     return _keep(configs, fits)
 
 
 def prune_rank_configs(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
+    """Shared memory of both loops, with the dy / x tiles in the activation dtype and the B tile in B's own dtype
+    (fp32 master weights under autocast). FMA dots (fp32 "ieee", fp64) keep K-long operand slices per thread: their
+    32-wide steps (BLOCK_N, BLOCK_K <= 32) keep the fused fp32 variant from spilling (ptxas, sm_90a: 408 B at 64)."""
     a = _args(named_args, kwargs)
     elt = _ELT[a["OP_DT"]]
+    lora = a["b_ptr"].element_size() if hasattr(a.get("b_ptr"), "element_size") else elt
     s, br = a["BLOCK_S"], a["BLOCK_R"]
+    fma = a["OP_DT"] == tl.float64 or (a["OP_DT"] == tl.float32 and a["PRECISION"] == "ieee")
     fits = []
     for c in configs:
         bn, bk = c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"]
-        loop1 = smem_bytes(c.num_stages, s * bn * elt, bn * br * elt) + s * br * elt
+        loop1 = smem_bytes(c.num_stages, s * bn * elt, bn * br * lora) + s * br * elt
         loop2 = smem_bytes(c.num_stages, s * bk * elt) + s * br * elt
-        fits.append(max(loop1, loop2) <= _SMEM_BUDGET)
+        fits.append(max(loop1, loop2) <= _SMEM_BUDGET and not (fma and max(bn, bk) > 32))
     return _keep(configs, fits)
 
 

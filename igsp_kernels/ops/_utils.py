@@ -25,15 +25,21 @@ import triton.language as tl
 from igsp_kernels import _env
 
 __all__ = [
+    "ACTIVATION_CODES",
     "CONFIG_OVERRIDES",
+    "INT32_LIMIT",
     "KernelLauncher",
     "acc_tl_dtype",
+    "check_moe_lora_launchable",
+    "device_ctx",
     "dot_precision",
     "ensure_contiguous",
+    "fake_grad",
     "interpreting",
     "next_pow2",
     "num_sms",
     "op_tl_dtype",
+    "t_bucket",
     "tl_dtype",
 ]
 
@@ -41,6 +47,10 @@ logger = logging.getLogger(__name__)
 
 # Hopper (sm_90) allows 227 KiB of shared memory per block (232,448 bytes); a config above it fails to launch.
 SMEM_LIMIT_BYTES = 232_448
+# Offsets are int32 in the kernels unless one can pass this; then row offsets switch to int64 (KERNELS.md 5).
+INT32_LIMIT = 2**31 - 1
+# The ACTIVATION constexpr of the MoE-LoRA kernels.
+ACTIVATION_CODES = {"identity": 0, "relu": 1}
 #: kernel name -> triton.Config to use instead of the normal selection (tests only; see the module docstring).
 CONFIG_OVERRIDES: dict[str, triton.Config] = {}
 
@@ -113,6 +123,47 @@ def ensure_contiguous(fn: Callable[..., Any]) -> Callable[..., Any]:
         return fn(*args, **kwargs)
 
     return wrapper
+
+
+def t_bucket(T: int) -> int:
+    """Autotune key for a token count: its power-of-two bucket (tile choice changes with T only by octaves)."""
+    return min(next_pow2(max(T, 1)), 1 << 20)
+
+
+class _NullCtx:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+def device_ctx(t: torch.Tensor):
+    """`torch.cuda.device(t.device)` for CUDA tensors (launches go to t's GPU), a no-op context otherwise."""
+    return torch.cuda.device(t.device) if t.device.type == "cuda" else _NullCtx()
+
+
+def check_moe_lora_launchable(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
+                              base_weight: torch.Tensor | None = None) -> None:
+    """What the MoE-LoRA launchers need beyond functional.moe_lora's validation: CUDA tensors (or the interpreter),
+    int32 expert offsets, rows contiguous in their last dimension, the frozen weight in x's dtype."""
+    if x.device.type != "cuda" and not interpreting():
+        raise RuntimeError(f"the Triton MoE-LoRA kernels need CUDA tensors (or TRITON_INTERPRET=1), got {x.device}")
+    for name, t in (("A", A), ("B", B)):
+        if t.numel() > INT32_LIMIT:
+            raise ValueError(f"{name} must have fewer than 2**31 elements (int32 expert offsets), got {t.numel()}")
+    for name, t in (("x", x), ("A", A), ("B", B)):
+        if t.dim() and t.stride(-1) != 1:
+            raise ValueError(f"{name} must be contiguous in its last dimension, got strides {t.stride()}")
+    if base_weight is not None and base_weight.dtype != x.dtype:
+        raise TypeError(f"base_weight must arrive in x's dtype ({x.dtype}; functional.moe_lora casts it once), got "
+                        f"{base_weight.dtype}")
+
+
+def fake_grad(needed: bool, like: torch.Tensor | None, ref: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A fake implementation's gradient output: shaped like `like` when it is asked for and exists, else an empty
+    tensor of `dtype` on ref's device (what the launchers return for a gradient not asked for)."""
+    return torch.empty_like(like) if (needed and like is not None) else ref.new_empty(0, dtype=dtype)
 
 
 Pruner = Callable[..., list]

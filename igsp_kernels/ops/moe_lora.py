@@ -6,8 +6,11 @@ Semantics (METHOD.md section 2):
 
 Shapes: x (T, d_in) fp16/bf16/fp32/fp64; A (E, d_in, r); B (E, r, d_out); topk_idx (T, k) int32/int64;
 topk_w (T, k) float; W0 (d_out, d_in) and b0 (d_out,) frozen and optional; ba (E, r), bb (E, d_out) optional.
-Output y (T, d_out) in x.dtype; gradients in each input's dtype. Rows are tokens: per-sample routing arrives
-expanded to its tokens (`igsp_kernels.expand_sample_routing`).
+Output y (T, d_out) in x.dtype; gradients in each input's dtype. Rows are tokens: this is the general path of
+per-token routing. Per-sample routing (topk_idx (T / L, k), `tokens_per_sample=L`) goes to the per-sample kernels
+(`igsp_kernels.ops.moe_lora_sample`), and reaches this path expanded to its tokens only when a tile's slot axis would
+not fit (tiny L with a wide k). W0 arrives in x's dtype (functional.moe_lora's cached copy under autocast): no
+kernel converts it inside a GEMM loop.
 
 Plan (roofline reasoning in shared/KERNELS.md: the LoRA path is memory-bound alone and nearly free when it
 rides on the base GEMM, so the big activations x, y, dy, dx are each written once and never as T x k x d_out):
@@ -43,16 +46,25 @@ import triton
 
 from igsp_kernels.ops import _moe_lora_kernels as K
 from igsp_kernels.ops._utils import (
+    ACTIVATION_CODES,
+    INT32_LIMIT,
     KernelLauncher,
     acc_tl_dtype,
+    check_moe_lora_launchable,
+    device_ctx,
     dot_precision,
     ensure_contiguous,
+    fake_grad,
     interpreting,
     next_pow2,
     num_sms,
     op_tl_dtype,
+    t_bucket,
 )
+from igsp_kernels.ops.moe_lora_sample import moe_lora_sample_triton
+from igsp_kernels.ops.moe_lora_sample import supports as supports_sample
 from igsp_kernels.ops.routing import routing_metadata
+from igsp_kernels.reference.routing import expand_sample_routing
 
 __all__ = [
     "MoELoRAFunction",
@@ -66,8 +78,6 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-# Offsets are int32 in the kernels unless one can pass this; then row offsets switch to int64 (KERNELS.md 5).
-INT32_LIMIT = 2**31 - 1
 # Expert-sorted block sizes, largest first. Larger blocks mean fewer, smaller partials in backward (the per-block
 # dB partial is 2*k*r/BLOCK_S of dy's bytes: 1/4 at r=16, BLOCK_S=256).
 SORT_BLOCKS = (256, 128, 64, 32, 16)
@@ -80,7 +90,6 @@ CHUNK_ROWS = 1024
 #: Test-only overrides of the tiling policy ("sort_block", "fuse", "chunk_blocks", "index64"); use monkeypatch.
 TUNING_OVERRIDES: dict[str, Any] = {}
 
-_ACTIVATIONS = {"identity": 0, "relu": 1}
 
 
 # --------------------------------------------------------------------------------------------- policy
@@ -126,11 +135,6 @@ def _expert_tile(E: int) -> int:
     return max(64, next_pow2(E))
 
 
-def _t_bucket(T: int) -> int:
-    """Autotune key for the token count: its power-of-two bucket (tile choice changes with T only by octaves)."""
-    return min(next_pow2(max(T, 1)), 1 << 20)
-
-
 @dataclass(frozen=True)
 class _Dims:
     T: int
@@ -159,29 +163,6 @@ def _common_meta(dims: _Dims, x: torch.Tensor, num_blocks: int, num_partials: in
         "PRECISION": dot_precision(x.dtype),
         "INDEX_64": index64,
     }
-
-
-def _check_launchable(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor) -> None:
-    if x.device.type != "cuda" and not interpreting():
-        raise RuntimeError(f"the Triton MoE-LoRA kernels need CUDA tensors (or TRITON_INTERPRET=1), got {x.device}")
-    for name, t in (("A", A), ("B", B)):
-        if t.numel() > INT32_LIMIT:
-            raise ValueError(f"{name} must have fewer than 2**31 elements (int32 expert offsets), got {t.numel()}")
-    for name, t in (("x", x), ("A", A), ("B", B)):
-        if t.dim() and t.stride(-1) != 1:
-            raise ValueError(f"{name} must be contiguous in its last dimension, got strides {t.stride()}")
-
-
-def _device_ctx(t: torch.Tensor):
-    return torch.cuda.device(t.device) if t.device.type == "cuda" else _NullCtx()
-
-
-class _NullCtx:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: object) -> None:
-        return None
 
 
 # --------------------------------------------------------------------------------------------- launchers
@@ -229,7 +210,7 @@ def moe_lora_forward(
 
     gate: (T, k) fp32/fp64 = scale * topk_w; the metadata tensors come from `routing_metadata`.
     """
-    _check_launchable(x, A, B)
+    check_moe_lora_launchable(x, A, B, base_weight)
     dims = _Dims.of(x, A, B, topk_idx)
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
     y = torch.empty(dims.T, dims.d_out, dtype=x.dtype, device=x.device)
@@ -240,12 +221,12 @@ def moe_lora_forward(
     block = sorted_assign.numel() // nb
     meta = _common_meta(dims, x, nb)
     rank_tile = max(16, next_pow2(dims.r))
-    with _device_ctx(x):
+    with device_ctx(x):
         _SHRINK(
             lambda m: (nb,),
             x_ptr=x, a_ptr=A, ba_ptr=bias_a if bias_a is not None else hpre, hpre_ptr=hpre,
             sorted_ptr=sorted_assign, block_expert_ptr=block_expert, block_order_ptr=block_order,
-            d_in=dims.d_in, r=dims.r, E=dims.E, k=dims.k, stride_x_t=x.stride(0), t_bucket=_t_bucket(dims.T),
+            d_in=dims.d_in, r=dims.r, E=dims.E, k=dims.k, stride_x_t=x.stride(0), t_bucket=t_bucket(dims.T),
             HAS_BA=bias_a is not None, BLOCK_S=block, BLOCK_R=rank_tile, **meta,
         )
         has_base = base_weight is not None
@@ -256,8 +237,8 @@ def moe_lora_forward(
             y_ptr=y, token_order_ptr=token_order, T=dims.T, d_in=dims.d_in, d_out=dims.d_out, r=dims.r, E=dims.E,
             k=dims.k,
             stride_x_t=x.stride(0), stride_w0_n=base_weight.stride(0) if has_base else 0, stride_y_t=y.stride(0),
-            t_bucket=_t_bucket(dims.T), N_OUT=dims.d_out, HAS_BASE=has_base, HAS_B0=base_bias is not None,
-            HAS_BB=bias_b is not None, ACTIVATION=_ACTIVATIONS[activation], BLOCK_R=rank_tile,
+            t_bucket=t_bucket(dims.T), N_OUT=dims.d_out, HAS_BASE=has_base, HAS_B0=base_bias is not None,
+            HAS_BB=bias_b is not None, ACTIVATION=ACTIVATION_CODES[activation], BLOCK_R=rank_tile,
             BLOCK_J=next_pow2(dims.k), **meta,
         )
     return y, hpre
@@ -293,7 +274,7 @@ def moe_lora_backward(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Launch the backward. Returns (dx, dA, dB, dgate, d bias_a, d bias_b); a gradient not asked for is an empty
     tensor. dgate is (T, k) in the accumulation dtype; the others have their input's shape and dtype."""
-    _check_launchable(x, A, B)
+    check_moe_lora_launchable(x, A, B, base_weight)
     dims = _Dims.of(x, A, B, topk_idx)
     dev = x.device
     acc = hpre.dtype
@@ -319,7 +300,7 @@ def moe_lora_backward(
     num_chunks = triton.cdiv(nb, cb) + min(dims.E, nb)
     meta = _common_meta(dims, x, nb, num_chunks)
     rank_tile = max(16, next_pow2(dims.r))
-    t_bucket = _t_bucket(dims.T)
+    bucket = t_bucket(dims.T)
     need_d = need_dx or (need_dA and not fuse)
     need_t = need_d or need_dgate or need_dba or need_dA
     d_rank = torch.empty(dims.T * dims.k, dims.r, dtype=acc, device=dev) if need_d else hpre
@@ -328,7 +309,7 @@ def moe_lora_backward(
     pdb = torch.empty(nb, dims.r, dims.d_out, dtype=acc, device=dev) if (fuse and need_dB) else hpre
     pdba = torch.empty(nb, dims.r, dtype=acc, device=dev) if need_dba else hpre
     pdbb = torch.empty(nb, dims.d_out, dtype=acc, device=dev) if need_dbb else hpre
-    with _device_ctx(x):
+    with device_ctx(x):
         if need_t or need_dbb or (fuse and need_dB):  # else the rank pass would read dy for nothing
             _RANK(
                 lambda m: (nb,),
@@ -337,8 +318,8 @@ def moe_lora_backward(
                 block_order_ptr=block_order, d_ptr=d_rank,
                 dgate_ptr=dgate_flat, pda_ptr=pda, pdb_ptr=pdb, pdba_ptr=pdba, pdbb_ptr=pdbb,
                 d_in=dims.d_in, d_out=dims.d_out, r=dims.r, E=dims.E, k=dims.k, stride_x_t=x.stride(0),
-                stride_dy_t=dy.stride(0), t_bucket=t_bucket, HAS_BB=bias_b is not None,
-                ACTIVATION=_ACTIVATIONS[activation], NEED_T=need_t, NEED_D=need_d, NEED_DGATE=need_dgate,
+                stride_dy_t=dy.stride(0), t_bucket=bucket, HAS_BB=bias_b is not None,
+                ACTIVATION=ACTIVATION_CODES[activation], NEED_T=need_t, NEED_D=need_d, NEED_DGATE=need_dgate,
                 NEED_DA=need_dA, NEED_DB=need_dB, NEED_DBA=need_dba, NEED_DBB=need_dbb, FUSE=fuse,
                 BLOCK_S=block, BLOCK_R=rank_tile, **meta,
             )
@@ -352,7 +333,7 @@ def moe_lora_backward(
                     lambda m: (num_chunks, triton.cdiv(dims.d_in, m["BLOCK_N"])),
                     act_ptr=x, coef_ptr=d_rank, gate_ptr=gate, sorted_ptr=sorted_assign, blk_off_ptr=expert_block_off,
                     part_ptr=part, N=dims.d_in, r=dims.r, E=dims.E, k=dims.k, CB=cb, stride_act_t=x.stride(0),
-                    stride_p_n=dims.r, stride_p_r=1, t_bucket=t_bucket, COEF_GATED=False, ACTIVATION=0,
+                    stride_p_n=dims.r, stride_p_r=1, t_bucket=bucket, COEF_GATED=False, ACTIVATION=0,
                     BLOCK_S=block, BLOCK_R=rank_tile, BLOCK_E=_expert_tile(dims.E), **meta,
                 )
                 _segment_sum(part, expert_block_off, dA.view(dims.E, -1), cb, index64)
@@ -365,8 +346,8 @@ def moe_lora_backward(
                     lambda m: (num_chunks, triton.cdiv(dims.d_out, m["BLOCK_N"])),
                     act_ptr=dy, coef_ptr=hpre, gate_ptr=gate, sorted_ptr=sorted_assign, blk_off_ptr=expert_block_off,
                     part_ptr=part, N=dims.d_out, r=dims.r, E=dims.E, k=dims.k, CB=cb, stride_act_t=dy.stride(0),
-                    stride_p_n=1, stride_p_r=dims.d_out, t_bucket=t_bucket, COEF_GATED=True,
-                    ACTIVATION=_ACTIVATIONS[activation], BLOCK_S=block, BLOCK_R=rank_tile,
+                    stride_p_n=1, stride_p_r=dims.d_out, t_bucket=bucket, COEF_GATED=True,
+                    ACTIVATION=ACTIVATION_CODES[activation], BLOCK_S=block, BLOCK_R=rank_tile,
                     BLOCK_E=_expert_tile(dims.E), **meta,
                 )
                 _segment_sum(part, expert_block_off, dB.view(dims.E, -1), cb, index64)
@@ -382,7 +363,7 @@ def moe_lora_backward(
                 dx_ptr=dx, token_order_ptr=token_order, T=dims.T, d_in=dims.d_in, d_out=dims.d_out, r=dims.r,
                 E=dims.E, k=dims.k,
                 stride_dy_t=dy.stride(0), stride_w0_n=base_weight.stride(0) if has_base else 0,
-                stride_dx_t=dx.stride(0), t_bucket=t_bucket, N_OUT=dims.d_in, HAS_BASE=has_base,
+                stride_dx_t=dx.stride(0), t_bucket=bucket, N_OUT=dims.d_in, HAS_BASE=has_base,
                 BLOCK_R=rank_tile, BLOCK_J=next_pow2(dims.k), **meta,
             )
     return dx, dA, dB, dgate, dba, dbb
@@ -455,13 +436,9 @@ def _moe_lora_bwd_op(
 def _(dy, x, A, B, topk_idx, gate, hpre, sorted_assign, block_expert, expert_block_off, block_order, token_order,
       base_weight, bias_a, bias_b, activation, need_dx, need_dA, need_dB, need_dgate, need_dba, need_dbb):
     acc = hpre.dtype
-
-    def like(flag: bool, t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
-        return torch.empty_like(t) if (flag and t is not None) else x.new_empty(0, dtype=dtype)
-
     dgate = x.new_empty(topk_idx.shape, dtype=acc) if need_dgate else x.new_empty(0, dtype=acc)
-    return (like(need_dx, x, x.dtype), like(need_dA, A, A.dtype), like(need_dB, B, B.dtype), dgate,
-            like(need_dba, bias_a, acc), like(need_dbb, bias_b, acc))
+    return (fake_grad(need_dx, x, x, x.dtype), fake_grad(need_dA, A, x, A.dtype), fake_grad(need_dB, B, x, B.dtype),
+            dgate, fake_grad(need_dba, bias_a, x, acc), fake_grad(need_dbb, bias_b, x, acc))
 
 
 # --------------------------------------------------------------------------------------------- autograd
@@ -523,12 +500,19 @@ def moe_lora_triton(
     activation: str,
     bias_a: torch.Tensor | None,
     bias_b: torch.Tensor | None,
+    tokens_per_sample: int = 1,
 ) -> torch.Tensor:
     """Backend entry (`TritonBackend.table["moe_lora"]`); inputs already validated by `igsp_kernels.moe_lora`.
 
     Semantics: y = x W0^T + b0 + scale * sum_j w[:, j] (phi(x A[e_j] + ba[e_j]) B[e_j] + bb[e_j]).
     Returns y (T, d_out) in x.dtype, differentiable in x, A, B, topk_w, bias_a, bias_b.
     """
+    if tokens_per_sample > 1:
+        if supports_sample(x.shape[0], tokens_per_sample, topk_idx.shape[1], A.shape[2]):
+            return moe_lora_sample_triton(x, A, B, topk_idx, topk_w, base_weight, base_bias, scale, activation,
+                                          bias_a, bias_b, tokens_per_sample)
+        # tiny L with a wide k: the slot axis would not fit a tile's registers; the token path takes it
+        topk_idx, topk_w = expand_sample_routing(topk_idx, topk_w, tokens_per_sample)
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
     # The scale rides in the gate: the kernels never see a python float, so fp64 runs stay exact (a float kernel
     # argument would be rounded to fp32), and d topk_w = scale * d gate comes from autograd for free.

@@ -11,7 +11,8 @@ Plan: one pointer-table row per matrix (`_subspace_kernels.py`), one launch per 
 penalty computes R = (I - U U^T) M in the forward, writes it to a flat fp32 buffer and returns sum ||R||^2; the
 backward only scales R by 2 lam grad_output (gradient-in-forward, STYLE D6; Liger's cross-entropy). The tables are
 cached by (addresses, shapes, strides): parameters keep their storage across steps, so a training step reuses its
-table and uploads nothing (a fresh upload goes through pinned memory, never a blocking copy).
+table and uploads nothing; a fresh table (the first call for a set of matrices) is a synchronous host-to-device
+copy, so the ops are CUDA-graph capturable after one warm-up call.
 """
 
 import logging
@@ -47,10 +48,13 @@ def _as_3d(M: torch.Tensor) -> torch.Tensor | None:
 
 
 def _upload(rows: list[list[int]], device: torch.device) -> torch.Tensor:
-    table = torch.tensor(rows, dtype=torch.int64)
-    if device.type == "cuda":
-        return table.pin_memory().to(device, non_blocking=True)
-    return table
+    """The pointer table on `device`, by a synchronous copy (a pinned buffer with a non-blocking copy could be
+    freed and reused before the copy ran, and is unsafe inside a CUDA-graph capture). Runs on a cache miss only:
+    the first call for a set of matrices; a capture must come after that warm-up call."""
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        raise RuntimeError("subspace ops: a new set of matrices during CUDA-graph capture would copy their pointer "
+                           "table from the host; run the op once for these tensors before capturing")
+    return torch.tensor(rows, dtype=torch.int64).to(device)
 
 
 def _table(mats3: Sequence[torch.Tensor], bases: Sequence[torch.Tensor], out_offsets: Sequence[int]) -> torch.Tensor:

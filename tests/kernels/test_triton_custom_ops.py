@@ -98,3 +98,47 @@ def test_torch_compile_traces_the_fused_op(device):
     g = torch.autograd.grad(y.sum(), [inp.A])[0]
     g_eager = torch.autograd.grad(y_eager.sum(), [inp.A])[0]
     torch.testing.assert_close(g, g_eager)
+
+
+# ---------------------------------------------------------------------------------------------- per-sample path
+SAMPLE_CASE = MoELoRACase("opcheck_sample", 26, 33, 20, 3, 4, 2, routing="sample", tokens_per_sample=13)
+
+
+def sample_args(device):
+    inp = make_moe_lora_inputs(SAMPLE_CASE, device=device, expert_bias=True, activation="relu", per_sample=True)
+    x, A, B, w = (t.detach() for t in (inp.x, inp.A, inp.B, inp.topk_w))
+    return inp, x, A, B, w, inp.bias_a.detach(), inp.bias_b.detach()
+
+
+def test_opcheck_moe_lora_sample_fwd(device):
+    inp, x, A, B, w, ba, bb = sample_args(device)
+    args = (x, A, B, inp.topk_idx, w, 0.5, inp.base_weight, inp.base_bias, ba, bb, "relu", 13)
+    torch.library.opcheck(OPS.moe_lora_sample_fwd.default, args)
+
+
+@pytest.mark.parametrize("needs", [(True,) * 6, (False, True, False, True, False, True)], ids=["all", "some"])
+def test_opcheck_moe_lora_sample_bwd(needs, device):
+    inp, x, A, B, w, ba, bb = sample_args(device)
+    _, hpre = OPS.moe_lora_sample_fwd(x, A, B, inp.topk_idx, w, 0.5, inp.base_weight, inp.base_bias, ba, bb, "relu",
+                                      13)
+    dy = torch.randn(SAMPLE_CASE.T, SAMPLE_CASE.d_out, device=device)
+    args = (dy, x, A, B, inp.topk_idx, w, 0.5, hpre, inp.base_weight, ba, bb, "relu", 13, *needs)
+    torch.library.opcheck(OPS.moe_lora_sample_bwd.default, args)
+
+
+def test_torch_compile_traces_the_per_sample_op(device):
+    from igsp_kernels.ops.moe_lora import moe_lora_triton
+
+    inp, *_ = sample_args(device)
+
+    def f(x, A, B, w):
+        return moe_lora_triton(x, A, B, inp.topk_idx, w, inp.base_weight, inp.base_bias, 0.5, "relu", None, None, 13)
+
+    compiled = torch.compile(f, backend="aot_eager", fullgraph=True)
+    y = compiled(inp.x, inp.A, inp.B, inp.topk_w)
+    y_eager = f(inp.x, inp.A, inp.B, inp.topk_w)
+    torch.testing.assert_close(y, y_eager)
+    g = torch.autograd.grad(y.sum(), [inp.A, inp.topk_w])
+    g_eager = torch.autograd.grad(y_eager.sum(), [inp.A, inp.topk_w])
+    for a, b in zip(g, g_eager):
+        torch.testing.assert_close(a, b)

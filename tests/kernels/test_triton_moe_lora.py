@@ -133,7 +133,9 @@ def test_gradcheck_float64(device):
 def check_lowp(case: MoELoRACase, device, dtype, param_dtype=None, **features):
     inp = make_moe_lora_inputs(case, dtype=dtype, param_dtype=param_dtype, device=device, **features)
     dy = torch.randn(case.T, case.d_out, generator=torch.Generator().manual_seed(1)).to(device, dtype)
-    y, grads = run(inp, dy, None, backend="triton")
+    # fp32 master parameters beside low-precision activations is the autocast layout (refused outside autocast)
+    with torch.autocast(device.type, dtype=dtype, enabled=param_dtype is not None and param_dtype != dtype):
+        y, grads = run(inp, dy, None, backend="triton")
     eager_inp = inp.to(dtype, "cpu", param_dtype=param_dtype)
     y_eager, grads_eager = run(eager_inp, dy.cpu(), moe_lora_loop)
     y_ref, grads_ref = reference64(inp, dy)

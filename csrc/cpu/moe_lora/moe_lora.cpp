@@ -13,7 +13,10 @@
 //
 // Plan: the assignments are cut into groups, each computed with a few dense ATen GEMMs (MKL/OpenBLAS do the FLOPs):
 // - "runs": maximal runs of consecutive tokens with the same routing row (per-sample routing: the 197 tokens of an
-//   image share their k experts). A run reads x[run] and writes y[run] as views (no gather, no scatter) and puts
+//   image share their k experts). Per-sample routing passed natively (topk_idx (T / L, k), tokens_per_sample = L)
+//   makes each sample one run of L rows directly, with its gates broadcast over the run (stride 0): no (T, k)
+//   routing tensor exists, and d topk_w of a sample sums its run's rows. A run reads x[run] and writes y[run] as
+//   views (no gather, no scatter) and puts
 //   its k experts side by side, so it costs one GEMM per product: U = x[run] [A_e1 | ... | A_ek] and
 //   y[run] = [s w h | s w | 1] [B_e1; ...; B_ek; bb_e1; ...; bb_ek; b0] (expert biases and b0 ride in the GEMM).
 // - "experts": otherwise (per-token routing) a stable counting sort groups the assignments by expert; an expert
@@ -71,21 +74,37 @@ struct Group {
 
 struct Plan {
   bool runs = false;
+  int64_t tokens_per_sample = 1;  // L > 1: one run per sample (native per-sample routing), group g = sample g
   std::vector<Group> groups;
   at::Tensor sorted_rows;  // int64 (T * k): token of each assignment, sorted by expert (expert plan only)
   at::Tensor sorted_asg;   // int64 (T * k): assignment id t * k + j, sorted by expert (expert plan only)
 };
 
 // Routing metadata for one call, computed on the host from the CPU index tensor (no device sync involved). It also
-// range-checks every index, so a direct torch.ops call cannot read out of bounds.
-Plan make_plan(const at::Tensor& idx, int64_t num_experts) {
-  const int64_t T = idx.size(0), k = idx.size(1);
+// range-checks every index, so a direct torch.ops call cannot read out of bounds. idx has one row per token (L = 1)
+// or per sample of L consecutive tokens.
+Plan make_plan(const at::Tensor& idx, int64_t num_experts, int64_t tokens_per_sample) {
+  const int64_t n_rows = idx.size(0), k = idx.size(1);
   const int64_t* p = idx.data_ptr<int64_t>();
-  for (int64_t a = 0; a < T * k; ++a) {
+  for (int64_t a = 0; a < n_rows * k; ++a) {
     TORCH_CHECK(p[a] >= 0 && p[a] < num_experts, "topk_idx values must lie in [0, ", num_experts, "), got ", p[a]);
   }
   Plan plan;
-  if (T == 0) return plan;
+  if (n_rows == 0) return plan;
+  if (tokens_per_sample > 1) {  // native per-sample routing: sample s is the run of rows [s L, s L + L)
+    plan.runs = true;
+    plan.tokens_per_sample = tokens_per_sample;
+    plan.groups.reserve(n_rows);
+    for (int64_t s = 0; s < n_rows; ++s) {
+      Group g;
+      g.n = tokens_per_sample;
+      g.row0 = s * tokens_per_sample;
+      g.experts.assign(p + s * k, p + (s + 1) * k);
+      plan.groups.push_back(std::move(g));
+    }
+    return plan;
+  }
+  const int64_t T = n_rows;
   auto same_row = [&](int64_t a, int64_t b) { return std::equal(p + a * k, p + (a + 1) * k, p + b * k); };
   int64_t runs = 1;
   for (int64_t t = 1; t < T; ++t) runs += same_row(t, t - 1) ? 0 : 1;
@@ -141,8 +160,9 @@ void for_groups(int64_t begin, int64_t end, bool parallel, const F& f) {
   }
   at::parallel_for(begin, end, 1, [&](int64_t b, int64_t e) {
     // OpenMP workers do not inherit this thread's dispatch state: keep the kernel's ATen calls below autograd there
-    // too (x may require grad, and out= GEMMs into its views must not be recorded).
+    // too (x may require grad, and out= GEMMs into its views must not be recorded), and out of autocast.
     at::AutoDispatchBelowADInplaceOrView guard;
+    c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
     for (int64_t i = b; i < e; ++i) f(i);
   });
 }
@@ -227,8 +247,12 @@ at::Tensor group_hpre(const Group& g, const Plan& plan, const at::Tensor& hpre, 
   return hpre.index_select(0, plan.sorted_asg.narrow(0, g.pos, g.n));
 }
 
-// The group's gates G (n, m): a view of w for a run, gathered for an expert group.
+// The group's gates G (n, m): a view of w for a run (a sample's row broadcast over its L rows, row stride 0, under
+// per-sample routing), gathered for an expert group.
 at::Tensor group_gates(const Group& g, const Plan& plan, const at::Tensor& w) {
+  if (g.is_run() && plan.tokens_per_sample > 1) {
+    return w.narrow(0, g.row0 / plan.tokens_per_sample, 1).expand({g.n, w.size(1)});
+  }
   if (g.is_run()) return w.narrow(0, g.row0, g.n);
   return w.view({-1}).index_select(0, plan.sorted_asg.narrow(0, g.pos, g.n)).view({g.n, 1});
 }
@@ -345,7 +369,7 @@ void gate_backward(const scalar_t* U, const scalar_t* Tt, int64_t tcols, const s
 void check_inputs(const at::Tensor& x, const at::Tensor& A, const at::Tensor& B, const at::Tensor& topk_idx,
                   const at::Tensor& topk_w, const std::optional<at::Tensor>& base_weight,
                   const std::optional<at::Tensor>& base_bias, const std::optional<at::Tensor>& bias_a,
-                  const std::optional<at::Tensor>& bias_b) {
+                  const std::optional<at::Tensor>& bias_b, int64_t tokens_per_sample) {
   // The public API (igsp_kernels.functional.moe_lora) validates with friendlier messages; these checks keep a
   // direct torch.ops call from reading out of bounds (make_plan range-checks the indices).
   IGSP_CHECK_DIM(x, 2, "x");
@@ -368,8 +392,10 @@ void check_inputs(const at::Tensor& x, const at::Tensor& A, const at::Tensor& B,
   TORCH_CHECK(E >= 1 && r >= 1, "A must have at least one expert and rank >= 1, got shape ", A.sizes());
   TORCH_CHECK(A.size(1) == d_in, "A must have shape (E, ", d_in, ", r), got ", A.sizes());
   TORCH_CHECK(B.size(0) == E && B.size(1) == r, "B must have shape (", E, ", ", r, ", d_out), got ", B.sizes());
-  TORCH_CHECK(topk_idx.size(0) == T && topk_idx.size(1) >= 1, "topk_idx must have shape (", T, ", k), got ",
-              topk_idx.sizes());
+  TORCH_CHECK(tokens_per_sample >= 1 && T % tokens_per_sample == 0, "tokens_per_sample (", tokens_per_sample,
+              ") must be >= 1 and divide the rows of x (", T, ")");
+  TORCH_CHECK(topk_idx.size(0) == T / tokens_per_sample && topk_idx.size(1) >= 1, "topk_idx must have shape (",
+              T / tokens_per_sample, ", k), got ", topk_idx.sizes());
   TORCH_CHECK(topk_w.sizes() == topk_idx.sizes(), "topk_w must have the shape of topk_idx ", topk_idx.sizes(),
               ", got ", topk_w.sizes());
   if (base_weight) {
@@ -434,16 +460,19 @@ std::tuple<at::Tensor, at::Tensor> moe_lora_fwd(
     const at::Tensor& x, const at::Tensor& A, const at::Tensor& B, const at::Tensor& topk_idx,
     const at::Tensor& topk_w, const std::optional<at::Tensor>& base_weight, const std::optional<at::Tensor>& base_bias,
     const std::optional<at::Tensor>& bias_a, const std::optional<at::Tensor>& bias_b, double scale,
-    c10::string_view activation) {
+    c10::string_view activation, int64_t tokens_per_sample) {
   at::AutoDispatchBelowADInplaceOrView guard;  // the ATen calls below are the kernel, not graph nodes
-  check_inputs(x, A, B, topk_idx, topk_w, base_weight, base_bias, bias_a, bias_b);
+  // ... and never autocast: the op implements the autocast rule itself (igsp_kernels/_dtypes.py) and its GEMMs
+  // accumulate into fp32 outputs, which an autocast-lowered at::mm would refuse (a backward run under autocast).
+  c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
+  check_inputs(x, A, B, topk_idx, topk_w, base_weight, base_bias, bias_a, bias_b, tokens_per_sample);
   const Act act = parse_activation(activation);
   const at::ScalarType acc = acc_dtype(x.scalar_type());
   const int64_t T = x.size(0), d_out = B.size(2), k = topk_idx.size(1);
   const at::Tensor xa = to_acc(x, acc);
   const at::Tensor wa = to_acc(topk_w, acc);
   const at::Tensor idx = topk_idx.to(at::kLong).contiguous();
-  const Plan plan = make_plan(idx, A.size(0));
+  const Plan plan = make_plan(idx, A.size(0), tokens_per_sample);
   Weights w = cast_weights(A, B, bias_a, bias_b, acc);
   const bool with_bb = w.bb.defined();
 
@@ -522,15 +551,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& A, const at::Tensor& B,
     const at::Tensor& topk_idx, const at::Tensor& topk_w, const at::Tensor& hpre_in,
     const std::optional<at::Tensor>& base_weight, const std::optional<at::Tensor>& bias_a,
-    const std::optional<at::Tensor>& bias_b, double scale, c10::string_view activation,
+    const std::optional<at::Tensor>& bias_b, double scale, c10::string_view activation, int64_t tokens_per_sample,
     std::array<bool, 6> output_mask) {
   at::AutoDispatchBelowADInplaceOrView guard;
-  check_inputs(x, A, B, topk_idx, topk_w, base_weight, std::nullopt, bias_a, bias_b);
+  c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);  // as in the forward
+  check_inputs(x, A, B, topk_idx, topk_w, base_weight, std::nullopt, bias_a, bias_b, tokens_per_sample);
   TORCH_CHECK(grad_y.dim() == 2 && grad_y.size(0) == x.size(0) && grad_y.size(1) == B.size(2),
               "grad_y must have shape (", x.size(0), ", ", B.size(2), "), got ", grad_y.sizes());
   IGSP_CHECK_CPU(hpre_in, "hpre");
-  TORCH_CHECK(hpre_in.dim() == 2 && hpre_in.size(0) == topk_idx.numel() && hpre_in.size(1) == A.size(2),
-              "hpre must have shape (", topk_idx.numel(), ", ", A.size(2), "), got ", hpre_in.sizes());
+  const int64_t n_asg = x.size(0) * topk_idx.size(1);  // one hpre row per (token, slot)
+  TORCH_CHECK(hpre_in.dim() == 2 && hpre_in.size(0) == n_asg && hpre_in.size(1) == A.size(2),
+              "hpre must have shape (", n_asg, ", ", A.size(2), "), got ", hpre_in.sizes());
   const Act act = parse_activation(activation);
   const at::ScalarType acc = acc_dtype(x.scalar_type());
   const int64_t T = x.size(0), d_in = x.size(1), E = A.size(0), r = A.size(2), d_out = B.size(2);
@@ -551,14 +582,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const at::Tensor idx = topk_idx.to(at::kLong).contiguous();
   const Weights w = cast_weights(A, B, bias_a, bias_b, acc);
   const bool with_bb = w.bb.defined();
-  const Plan plan = (need_tt || need_z) ? make_plan(idx, E) : Plan();
+  const Plan plan = (need_tt || need_z) ? make_plan(idx, E, tokens_per_sample) : Plan();
+  const bool per_sample = plan.tokens_per_sample > 1;
 
   at::Tensor dx, dA, dB, dw, dba, dbb;
   // Runs write their dx rows whole (then the base GEMM adds dy W0 with beta = 1); expert groups scatter-add.
   if (need_dx) dx = plan.runs ? at::empty({T, d_in}, opts) : at::zeros({T, d_in}, opts);
   if (need_dA) dA = zeros_serial({E, d_in, r}, opts);
   if (need_dB) dB = zeros_serial({E, r, d_out}, opts);
-  if (need_dw) dw = zeros_serial({T, k}, opts);
+  if (need_dw) dw = zeros_serial(topk_w.sizes(), opts);
   if (need_dba) dba = zeros_serial({E, r}, opts);
   if (need_dbb) dbb = zeros_serial({E, d_out}, opts);
 
@@ -578,15 +610,25 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const int64_t zcols = mr + (with_bb ? m : 0);
     at::Tensor dU = need_du ? at::empty({g.n, mr}, opts) : at::Tensor();
     at::Tensor Z = need_z ? at::empty({g.n, zcols}, opts) : at::Tensor();
-    at::Tensor dG;  // straight into dw for a run; an expert group writes a column and scatters it below
-    if (need_dw) dG = g.is_run() ? dw.narrow(0, g.row0, g.n) : at::empty({g.n, 1}, opts);
+    // straight into dw for a token run; a sample's run writes its rows' terms and sums them below; an expert group
+    // writes a column and scatters it below
+    at::Tensor dG;
+    if (need_dw) {
+      dG = (g.is_run() && !per_sample) ? dw.narrow(0, g.row0, g.n) : at::empty({g.n, g.is_run() ? k : 1}, opts);
+    }
     AT_DISPATCH_FLOATING_TYPES(acc, "igsp_moe_lora_bwd_gate", [&] {
       gate_backward<scalar_t>(U.data_ptr<scalar_t>(), need_tt ? Tt.data_ptr<scalar_t>() : nullptr,
                               need_tt ? Tt.size(1) : 0, G.data_ptr<scalar_t>(), G.stride(0), g.n, m, r,
                               static_cast<scalar_t>(scale), act, with_bb,
                               need_du ? dU.data_ptr<scalar_t>() : nullptr, need_z ? Z.data_ptr<scalar_t>() : nullptr,
                               zcols, need_dw ? dG.data_ptr<scalar_t>() : nullptr, need_dw ? dG.stride(0) : 0);
-      if (need_dw && !g.is_run()) {
+      if (need_dw && per_sample) {  // d w[s, j] = sum over the sample's rows, in row order (deterministic)
+        scalar_t* dws = dw.data_ptr<scalar_t>() + (g.row0 / tokens_per_sample) * k;
+        const scalar_t* dgp = dG.data_ptr<scalar_t>();
+        for (int64_t i = 0; i < g.n; ++i) {
+          for (int64_t j = 0; j < k; ++j) dws[j] += dgp[i * k + j];
+        }
+      } else if (need_dw && !g.is_run()) {
         scalar_t* dwp = dw.data_ptr<scalar_t>();
         const scalar_t* dgp = dG.data_ptr<scalar_t>();
         const int64_t* asg = plan.sorted_asg.data_ptr<int64_t>() + g.pos;
