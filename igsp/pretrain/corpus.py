@@ -1,15 +1,15 @@
 """The pretraining corpus: procedurally drawn images with template captions, and which captions match which images.
 
-Every item is a pure function of `(seed, index)`: its attributes (what is drawn, in which colour, size, place,
+Every item is a pure function of `(seed, index)`: its attributes (what is drawn, in which colour, size,
 style and over which background) are drawn from `random.Random` seeded with both, the image is drawn from the
 attributes (igsp.data.procedural: Aileron glyphs, clean polygons, procedural backgrounds) and the caption is
 composed from a random subset of the attributes with varied wording, e.g.
 
-    "a photo of the digit 7."                    "a small red letter K on the left."
+    "a photo of the digit 7."                    "a small red letter K."
     "an image of a green star on a striped background."      "a drawing of an odd number."
-    "something blue."                            "the outline of a heart, large."
+    "something blue."                            "the outline of a large heart."
 
-An item is `(image float32 (3, S, S), caption str, attrs int64 (8,), constraint int64 (8,))` over the attribute
+An item is `(image float32 (3, S, S), caption str, attrs int64 (7,), constraint int64 (7,))` over the attribute
 axes `ATTRIBUTES`; `attrs` are the image's values (-1 where an axis does not apply, e.g. parity of a letter),
 `constraint` what the caption states (-1 = not stated). Caption i *matches* image j when every stated value
 equals the image's: `match_matrix`. Generic captions ("a red shape", "an even number") match many images of a
@@ -65,17 +65,16 @@ __all__ = [
 ]
 
 CORPUS_VERSION = 1
-ATTRIBUTES: tuple[str, ...] = ("kind", "subject", "colour", "size", "position", "background", "parity", "style")
+ATTRIBUTES: tuple[str, ...] = ("kind", "subject", "colour", "size", "background", "parity", "style")
 KINDS = ("digit", "letter", "shape")
 SUBJECTS: tuple[str, ...] = DIGITS + LETTERS + SHAPES  # subject id = index here
 SIZES = ("small", "medium", "large")
-POSITIONS = ("center", "left", "right", "top", "bottom")
 STYLES = ("solid", "outline")
 # Indices at or above this are the held-out evaluation items: training reads index = step * batch + b, far below
 # (2**40 items at any batch size), so evaluation images are never trained on.
 EVAL_OFFSET = 2**40
 
-_K, _SUBJ, _COL, _SIZE, _POS, _BG, _PAR, _STYLE = range(len(ATTRIBUTES))
+_K, _SUBJ, _COL, _SIZE, _BG, _PAR, _STYLE = range(len(ATTRIBUTES))
 _WHITE = [n for n, _ in COLOURS].index("white")
 _BG_WORDS = {"plain": "plain", "gradient": "gradient", "stripes": "striped", "checkers": "checkered",
              "dots": "dotted", "noise": "noisy"}
@@ -123,16 +122,14 @@ def _sample_attributes(rng: random.Random) -> tuple[list[int], dict]:
     # Classic white-on-black glyphs (the look of scanned digits) a quarter of the time, else any colour.
     classic = kind < 2 and rng.random() < 0.25
     a[_COL] = _WHITE if classic else rng.randrange(len(COLOURS))
-    scale = rng.uniform(0.35, 0.95)
-    a[_SIZE] = 0 if scale < 0.55 else 2 if scale > 0.78 else 1
+    # Subjects fill half of the image or more and sit near the centre, as in the stream (glyphs 0.5-0.8 of the
+    # side, shapes 0.5-0.9, scanned digits the whole 8x8 frame). A first corpus that also drew them down to 0.35
+    # of the side anywhere in the image (with "on the left" captions) taught identity slowly: 13% held-out
+    # subject accuracy after 500 steps of 256, while colour was at 99%.
+    scale = rng.uniform(0.5, 0.95)
+    a[_SIZE] = 0 if scale < 0.62 else 2 if scale > 0.84 else 1
     margin = (1.0 - scale) / 2
-    if scale < 0.6:
-        a[_POS] = rng.choices(range(5), weights=(0.4, 0.15, 0.15, 0.15, 0.15))[0]
-    else:
-        a[_POS] = 0
-    along, across = margin * rng.uniform(0.7, 1.0), margin * rng.uniform(-0.3, 0.3)
-    cx, cy = {0: (across, margin * rng.uniform(-0.3, 0.3)), 1: (-along, across), 2: (along, across),
-              3: (across, -along), 4: (across, along)}[a[_POS]]
+    cx, cy = margin * rng.uniform(-0.6, 0.6), margin * rng.uniform(-0.6, 0.6)
     a[_BG] = 0 if classic else rng.randrange(len(BACKGROUNDS))
     geom = {"cx": 0.5 + cx, "cy": 0.5 + cy, "scale": scale, "classic": classic}
     if kind < 2:
@@ -176,7 +173,7 @@ def _caption(a: list[int], rng: random.Random) -> tuple[str, list[int]]:
         state(_COL)
         post.append(rng.choice((f"in {colour}", f"coloured {colour}")))
 
-    identity = rng.random() < 0.6
+    identity = rng.random() < 0.7
     if identity:
         state(_SUBJ)
         state(_K)  # implied by the subject; stated so that it compares equal with generic captions of the kind
@@ -220,12 +217,6 @@ def _caption(a: list[int], rng: random.Random) -> tuple[str, list[int]]:
                 adjs.pop()
                 head = f"something {colour}"
 
-    if a[_POS] != 0 and rng.random() < 0.5:
-        state(_POS)
-        post.append({1: "on the left", 2: "on the right", 3: "at the top", 4: "at the bottom"}[a[_POS]])
-    elif a[_POS] == 0 and a[_SIZE] == 0 and rng.random() < 0.2:
-        state(_POS)
-        post.append(rng.choice(("in the center", "in the middle")))
     if rng.random() < 0.25:
         state(_BG)
         post.append(f"on a {_BG_WORDS[BACKGROUNDS[a[_BG]]]} background")
@@ -255,8 +246,7 @@ def caption_phrases() -> list[str]:
     words = [*SUBJECTS, *(name for name, _ in COLOURS), *_BG_WORDS.values(), *(p for p in _PREFIXES if p)]
     words += ["a", "an", "the", "digit", "number", "numeral", "letter", "capital", "uppercase", "shape", "figure",
               "thing", "something", "outline of", "outlined", "solid", "filled", "small", "tiny", "large", "big",
-              "in", "coloured", "even", "odd", "which is", "on the left", "on the right", "at the top",
-              "at the bottom", "in the center", "in the middle", "on a background", ".", ","]
+              "in", "coloured", "even", "odd", "which is", "on a background", ".", ","]
     return words
 
 
@@ -307,8 +297,8 @@ def corpus_batch(
     """Items `indices` of the corpus of `seed`.
 
     Returns:
-        images float32 `(B, 3, S, S)` normalised with mean/std; captions (B strings); attrs int64 `(B, 8)`;
-        constraints int64 `(B, 8)` (axes `ATTRIBUTES`, -1 = not applicable / not stated).
+        images float32 `(B, 3, S, S)` normalised with mean/std; captions (B strings); attrs int64 `(B, 7)`;
+        constraints int64 `(B, 7)` (axes `ATTRIBUTES`, -1 = not applicable / not stated).
     """
     if not isinstance(image_size, int) or image_size < 8:
         raise ValueError(f"image_size must be an int >= 8, got {image_size!r}")

@@ -180,7 +180,7 @@ def _image_size(model: nn.Module) -> int:
 # ------------------------------------------------------------------------------------------------- data
 class CorpusSteps(Dataset):
     """Item `s` is the whole batch of step `s`: images `(B, 3, S, S)`, tokens `(B, L)`, attrs and constraints
-    `(B, 8)` (igsp.pretrain.corpus), for corpus items `[s * B, (s + 1) * B)` (offset by `offset`)."""
+    `(B, 7)` (igsp.pretrain.corpus), for corpus items `[s * B, (s + 1) * B)` (offset by `offset`)."""
 
     def __init__(self, seed: int, batch_size: int, image_size: int, tokenizer: Any, offset: int = 0) -> None:
         self.seed, self.batch_size, self.image_size, self.offset = seed, batch_size, image_size, offset
