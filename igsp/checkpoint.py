@@ -8,10 +8,12 @@ What a checkpoint holds (a dict of tensors, plain containers and primitives only
   backbone is rebuilt from the config on load; `backbone_checksum` guards against a different one.
 - `usage`: each layer's usage buffers (non-persistent in the module, but phase 1's convergence windows and
   MoE-Adapters' freezing read them, so a run resumed mid-window must see the same counts).
-- `selector`, `bases`, `optimizer`, `anchor` (phase-2 snapshot), `detector` (router convergence state),
-  `rng` (torch CPU and CUDA generator states), `progress` (task, stage, phase, step), `acc` (the rows of the
-  accuracy matrix so far), `records` (JSON-ready logs for results.json), `log_offset` (log.jsonl size at save
-  time: a resumed run truncates the log there so the log has no duplicate records).
+- `selector`, `optimizer`, `method_state` (the method's own state, igsp.methods.Method.state_dict(): for igsp
+  the bases, the phase-2 anchor, the router-convergence detector; checkpoints from before igsp/methods/ held
+  those as top-level keys and are converted on load by igsp.engine.method_state), `rng` (torch CPU and CUDA
+  generator states), `progress` (task, stage, phase, step), `acc` (the rows of the accuracy matrix so far),
+  `records` (JSON-ready logs for results.json), `log_offset` (log.jsonl size at save time: a resumed run
+  truncates the log there so the log has no duplicate records).
 
 Atomicity: the file is written to a temporary name in the same directory, flushed and fsync'ed, then
 `os.replace`d over the target (atomic on POSIX), and the directory is fsync'ed so the rename itself survives a

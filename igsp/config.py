@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any, Literal, Union
 
 from igsp.adapters import AdapterConfig
+from igsp.methods import get_method, method_names
 
 __all__ = [
     "PRESET_DIR",
@@ -51,7 +52,6 @@ logger = logging.getLogger(__name__)
 
 PRESET_DIR = Path(__file__).parent / "configs"
 
-METHODS = ("igsp", "moe-adapters", "zeroshot")
 DATA_KINDS = ("mtil", "digits", "offline-mtil", "synthetic")
 PRECISIONS = ("auto", "fp32", "bf16")
 KERNELS = ("auto", "reference", "triton", "cpp")
@@ -104,7 +104,7 @@ class ModelConfig:
 class MethodConfig:
     """The continual-learning method and its hyperparameters (METHOD.md sections 3-4)."""
 
-    name: str = field(default="igsp", metadata={"help": f"one of {METHODS}"})
+    name: str = field(default="igsp", metadata={"help": f"one of {method_names()} (igsp/methods/)"})
     # iGSP phase 1 (METHOD.md section 3).
     candidates: int = field(default=4, metadata={"help": "igsp: candidate experts C added per layer per task"})
     lam: float = field(default=0.1, metadata={"help": "igsp: weight of the subspace regularizer (phase 1)"})
@@ -133,7 +133,7 @@ class MethodConfig:
         "help": "training images per task used for prototypes (seeded subsample; null = all)"})
 
     def validate(self, path: str = "method") -> None:
-        _choice(f"{path}.name", self.name, METHODS)
+        _choice(f"{path}.name", self.name, method_names())
         _int_range(f"{path}.candidates", self.candidates, 1)
         _float_range(f"{path}.lam", self.lam, 0.0)
         _int_range(f"{path}.check_every", self.check_every, 1)
@@ -271,15 +271,7 @@ class Config:
         if self.train.kernels != "auto" and self.adapters.backend not in ("auto", self.train.kernels):
             raise _bad("adapters.backend", self.adapters.backend,
                        f"'auto' or {self.train.kernels!r} (train.kernels={self.train.kernels!r} already picks it)")
-        if self.method.name == "moe-adapters" and self.adapters.num_experts < 1:
-            raise _bad("adapters.num_experts", self.adapters.num_experts,
-                       "an int >= 1 with method.name='moe-adapters' (a fixed pool, e.g. 22)")
-        if self.method.name == "igsp" and self.adapters.num_experts != 0:
-            raise _bad("adapters.num_experts", self.adapters.num_experts,
-                       "0 with method.name='igsp' (candidates come per task: method.candidates)")
-        if self.method.name == "igsp" and self.method.candidates < self.adapters.top_k:
-            raise _bad("method.candidates", self.method.candidates,
-                       f"an int >= adapters.top_k ({self.adapters.top_k}): the first task routes over candidates only")
+        get_method(self.method.name).validate_config(self)  # the method's own cross-section checks
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-ready dict (the resolved config)."""

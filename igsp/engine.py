@@ -3,19 +3,14 @@
 `Trainer(config).fit()` runs one method over one task stream and writes the run directory (docs/TRAINER_API.md):
 `config.json` (resolved config), `log.jsonl`, `results.json`, `checkpoints/`.
 
-Per task (METHOD.md sections 3-4):
-- igsp: C candidate experts per layer join the pool, active only in the new task's router (which also sees
-  every historical expert). Phase 1 trains router + candidates on the task loss plus the subspace regularizer
-  (none for the first task) until the router-convergence detector fires (every check is logged: the
-  convergence curve). Candidates whose routing mass share is below tau are pruned (usage logged side by side
-  with the per-expert gradient norms, averaged over the same window). Phase 2 trains router + survivors with a
-  fresh AdamW, no regularizer, the candidates' gradients projected onto the orthogonal complement of the
-  historical subspace before each step and the parameter change since phase 2 began projected after each step
-  (Adam's scaling and weight decay would otherwise leave the complement). After the task: survivors frozen,
-  bases recomputed, router frozen and stored, selector prototypes added.
-- moe-adapters: a fixed pool (from the adapter config), a new router per task, one phase, then the
-  `freeze_per_task` most used trainable experts of each layer are frozen.
-- zeroshot: no adapters, no training; the single evaluation row is repeated for every task.
+The loop is method-agnostic: what a method adds before a task, its loss terms, what it does to gradients and
+parameters around the optimizer step, when a phase ends and what it freezes after the task are the hooks of
+`igsp.methods.Method` (igsp/methods/base.py documents the call order), one file per method in igsp/methods/
+(igsp.py, moe_adapters.py, zeroshot.py). A method with `trains = False` (zeroshot) is evaluated once and that
+row is repeated for every task. Per task the engine: resets the usage buffers, calls `begin_task`, builds a
+fresh AdamW over whatever is trainable, runs the steps (a fresh AdamW again whenever a phase ends: the
+trainable set changed), calls `end_task`, freezes and stores the task's router, adds the selector prototypes,
+checkpoints and evaluates.
 
 Loss: cross-entropy with label smoothing over logits = logit_scale * image_features @ text_features^T. The
 text features of the task's class prompts are recomputed every step with gradients through the text adapters
@@ -89,22 +84,14 @@ from igsp.checkpoint import (
 from igsp.config import Config, ConfigError
 from igsp.data import TaskDataset, TaskStreamConfig, build_task_stream
 from igsp.data.stream import stream_task_names as data_stream_task_names
-from igsp.method.convergence import RouterConvergence
-from igsp.method.pruning import expert_grad_norms, prune_candidates
-from igsp.method.subspace import (
-    LayerBasis,
-    compute_bases,
-    orthogonality_error,
-    project_candidates_,
-    snapshot_candidates,
-    subspace_regularizer,
-)
+from igsp.method.pruning import expert_grad_norms
+from igsp.methods import Method, PlanLayer, get_method
 from igsp.metrics import added_params, mtil_metrics, parameter_report, trainable_adapter_params
 from igsp.model import create_clip
 from igsp.selector import TaskSelector
 
-__all__ = ["KILL_ENV", "KILL_EXIT_CODE", "DistContext", "StepBatchSampler", "Trainer", "lr_at", "parameter_plan",
-           "stream_task_names"]
+__all__ = ["KILL_ENV", "KILL_EXIT_CODE", "DistContext", "StepBatchSampler", "Trainer", "lr_at", "method_state",
+           "parameter_plan", "stream_task_names"]
 
 logger = logging.getLogger(__name__)
 
@@ -280,7 +267,7 @@ class Trainer:
             self.autocast_dtype: torch.dtype | None = torch.bfloat16
         else:
             self.autocast_dtype = None
-        self.method = cfg.method.name
+        method_cls = get_method(cfg.method.name)
         self.backend = cfg.effective_backend
         self.read_only = read_only
 
@@ -290,7 +277,7 @@ class Trainer:
             cache_dir=cfg.model.cache_dir)
         self.model: nn.Module = model
         self.tokenizer = tokenizer
-        if self.method != "zeroshot":
+        if method_cls.trains:
             inject(model, dataclasses.replace(cfg.adapters, backend=self.backend))
         else:
             model.requires_grad_(False)
@@ -302,17 +289,13 @@ class Trainer:
         cfg.train.lr_for_task(len(self.stream) - 1)  # a too-short per-task lr list fails now, not at task 7
 
         self.selector = (TaskSelector(cfg.method.selector_prototypes, cfg.method.selector_quantile,
-                                      seed=cfg.train.seed) if self.method != "zeroshot" else None)
-        self.bases: dict[str, LayerBasis] = compute_bases(self.layers, cfg.method.energy) if self.method == "igsp" \
-            else {}
+                                      seed=cfg.train.seed) if method_cls.trains else None)
         self.progress: dict[str, Any] = {"task": 0, "stage": "begin", "phase": 1, "step": 0, "phase1_steps": None}
         self.acc: list[list[float]] = []
         self.records: dict[str, list[Any]] = {"convergence": [], "prune": [], "params": [], "usage": [],
                                               "eval": [], "orthogonality": []}
         self.optimizer: torch.optim.Optimizer | None = None
-        self.anchor: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None
-        self.detector: RouterConvergence | None = None
-        self._gn: dict[str, Any] = {"acc": {}, "count": 0, "last": {}}
+        self.method: Method = method_cls(self)
         self.wall_time_prev = 0.0
         self.train_time = 0.0
         self.train_images = 0
@@ -462,8 +445,8 @@ class Trainer:
         """Train on every task of the stream (or continue a resumed run) and return results.json's content."""
         start = time.time()
         try:
-            if self.method == "zeroshot":
-                self._fit_zeroshot()
+            if not self.method.trains:
+                self._fit_frozen()
             else:
                 T = len(self.stream)
                 while self.progress["task"] < T:
@@ -490,8 +473,9 @@ class Trainer:
         if self.dist.owns_group and dist.is_initialized():
             dist.destroy_process_group()
 
-    def _fit_zeroshot(self) -> None:
-        """Frozen CLIP: one evaluation (the model never changes), repeated as every row of the matrix."""
+    def _fit_frozen(self) -> None:
+        """A method without training (zeroshot): one evaluation (the model never changes), repeated as every row
+        of the matrix."""
         row, stats = self.evaluate()
         T = len(self.stream)
         self.acc = [list(row) for _ in range(T)]
@@ -500,31 +484,18 @@ class Trainer:
             self.records["params"].append({"task": t, "phase1": trainable_adapter_params(self.layers),
                                            "phase2": None, "phase1_steps": 0, "phase2_steps": None})
         self.log.write({"event": "eval", "task": T - 1, "task_name": self.task_names[-1], "acc": row,
-                        "selector": stats, "note": "zeroshot: one evaluation, repeated for every task"})
+                        "selector": stats, "note": f"{self.method.name}: one evaluation, repeated for every task"})
         self.progress = {"task": T, "stage": "done", "phase": 1, "step": 0, "phase1_steps": None}
         self._save(None)  # no adapters, but `igsp eval RUN_DIR` and --resume read a checkpoint
 
     # ------------------------------------------------------------------------------------------ tasks
     def _begin_task(self, t: int) -> None:
-        cfg = self.config
         for _, layer in self.layers:
             layer.reset_usage()
-        if self.method == "igsp":
-            for _, layer in self.layers:
-                # Candidates first (inactive in every existing router), then the task's router over the whole
-                # pool: it sees the historical experts and the candidates.
-                layer.add_experts(cfg.method.candidates, active_in=[])
-                layer.add_router(t)
-        else:
-            for _, layer in self.layers:
-                layer.add_router(t)
+        self.method.begin_task(t)
         self._broadcast_adapters()
         igsp_kernels.set_task(self.model, t)
         self.optimizer = self._make_optimizer(t)
-        self.detector = (RouterConvergence(cfg.method.check_every, cfg.method.eps, cfg.method.patience,
-                                           cfg.method.min_steps, cfg.method.max_fraction, cfg.train.iterations)
-                         if self.method == "igsp" else None)
-        self._gn = {"acc": {}, "count": 0, "last": {}}
         p1 = trainable_adapter_params(self.layers, task=t)
         self.records["params"].append({"task": t, "phase1": p1, "phase2": None, "phase1_steps": None,
                                        "phase2_steps": None})
@@ -569,8 +540,9 @@ class Trainer:
                 window_t, window_imgs = now, 0
                 bar.set_postfix(loss=f"{stats['loss']:.3f}", phase=phase)
             saved = False
-            if phase == 1 and self.detector is not None:
-                saved = self._check_convergence(t, step)
+            if phase < self.method.phases and self.method.phase_done(t, phase, step):
+                self._end_phase(t, phase, step)
+                saved = True
             every = cfg.train.checkpoint_every
             if every and step % every == 0 and step < total and not saved:
                 self._save(None)
@@ -600,9 +572,7 @@ class Trainer:
         # Sum over this rank's rows / global batch: the all_reduce sum is the global batch mean (module docs).
         ce = F.cross_entropy(logits.float(), labels, label_smoothing=cfg.label_smoothing,
                              reduction="sum") / cfg.batch_size
-        reg = None
-        if self.method == "igsp" and phase == 1 and t > 0:
-            reg = subspace_regularizer(self.layers, self.bases, self.config.method.lam)
+        reg = self.method.loss_terms(t, phase)
         loss = ce + reg / self.dist.world if reg is not None else ce
         loss.backward()
         for p in self._trainable():
@@ -613,19 +583,15 @@ class Trainer:
         if self.dist.enabled:
             self._allreduce_step(usage_base)
         grad_norms = None
-        if self.method == "igsp" and phase == 1:
-            self._accumulate_grad_norms()
         if log_now and self.layers:
-            grad_norms = expert_grad_norms(self.layers)  # raw: before projection and clipping
-        if self.method == "igsp" and phase == 2:
-            project_candidates_(self.layers, self.bases, grads=True)
+            grad_norms = expert_grad_norms(self.layers)  # raw: before the method's hook and clipping
+        self.method.before_step(t, phase)
         gnorm = None
         if cfg.grad_clip is not None:
             gnorm = float(torch.nn.utils.clip_grad_norm_(self._trainable(), cfg.grad_clip)) if log_now else \
                 torch.nn.utils.clip_grad_norm_(self._trainable(), cfg.grad_clip)
         opt.step()
-        if self.method == "igsp" and phase == 2:
-            project_candidates_(self.layers, self.bases, anchor=self.anchor, grads=False)
+        self.method.after_step(t, phase)
         if not log_now:
             return {}
         ce_d = ce.detach().reshape(1).clone()
@@ -638,99 +604,39 @@ class Trainer:
                 "usage": {n: [round(float(u), 6) for u in layer.usage()] for n, layer in self.layers},
                 "grad_norms": grad_norms}
 
-    @torch.no_grad()
-    def _accumulate_grad_norms(self) -> None:
-        """Per-expert ||dA||+||dB|| summed over the convergence window (on the device: no host sync)."""
-        acc = self._gn["acc"]
-        for name, layer in self.layers:
-            C = layer.num_trainable
-            if C == 0:
-                continue
-            n = torch.zeros(C, dtype=torch.float64, device=layer.device)
-            for p in (layer.A_train, layer.B_train):
-                if p.grad is not None:
-                    n += p.grad.detach().double().reshape(C, -1).norm(dim=1)
-            acc[name] = acc[name] + n if name in acc and acc[name].shape == n.shape else n
-        self._gn["count"] += 1
-
-    def _check_convergence(self, t: int, step: int) -> bool:
-        """Run the detector after a phase-1 step; log new checks; end phase 1 when it fires. True if saved."""
-        det = self.detector
-        assert det is not None
-        before = len(det.history)
-        converged = det.step(step, self.layers)
-        if len(det.history) > before:
-            count = max(self._gn["count"], 1)
-            self._gn["last"] = {n: [float(v) / count for v in a.tolist()] for n, a in self._gn["acc"].items()}
-            self._gn["acc"], self._gn["count"] = {}, 0
-            for rec in det.history[before:]:
-                self.log.write({"event": "convergence", "task": t, "task_name": self.task_names[t],
-                                "step": rec["step"], "phase": 1, "distance": rec["distance"],
-                                "per_layer": rec["per_layer"], "streak": rec["streak"],
-                                "converged": rec["converged"], "forced": rec["forced"]})
-        if converged:
-            self._end_phase1(t, step)
-            return True
-        return False
-
-    def _end_phase1(self, t: int, step: int) -> None:
+    def _end_phase(self, t: int, phase: int, step: int) -> None:
+        """The method ended `phase` at `step`: its end_phase hook, then the next phase with a fresh optimizer."""
         cfg = self.config
-        det = self.detector
-        assert det is not None
-        usage = dict(det.last_usage)
-        report: dict[str, Any] = {}
-        grad_norms = dict(self._gn["last"])
-        removed = prune_candidates(self.layers, usage, cfg.method.tau, rank_energy=cfg.method.rank_energy,
-                                   min_keep=cfg.method.min_keep, report=report)
-        self.log.write({"event": "prune", "task": t, "task_name": self.task_names[t], "step": step, "phase": 1,
-                        "tau": cfg.method.tau,
-                        "usage": {n: r["share"] for n, r in report.items()},
-                        "grad_norms": grad_norms, "removed": removed,
-                        "kept": {n: r["kept"] for n, r in report.items()},
-                        "rank_zeroed": {n: r["rank_zeroed"] for n, r in report.items() if r["rank_zeroed"]}})
-        n_cand = cfg.method.candidates * len(self.layers)
-        n_removed = sum(len(v) for v in removed.values())
-        self.records["prune"].append({"task": t, "step": step, "candidates": n_cand, "removed": n_removed,
-                                      "survivors": n_cand - n_removed,
-                                      "survivors_per_layer": {n: layer.num_trainable for n, layer in self.layers}})
-        self.records["convergence"].append({"task": t, "converged_at": det.converged_at, "forced": det.forced,
-                                            "history": det.history})
-        self.progress.update(phase=2, phase1_steps=step)
+        self.method.end_phase(t, phase, step)
+        nxt = phase + 1
+        self.progress.update(phase=nxt)
+        if phase == 1:
+            self.progress.update(phase1_steps=step)
         self.optimizer = self._make_optimizer(t)  # fresh moments: the structure and the objective changed
-        self.anchor = snapshot_candidates(self.layers)
-        p2 = trainable_adapter_params(self.layers, task=t)
+        trainable = trainable_adapter_params(self.layers, task=t)
         entry = self.records["params"][-1]
-        entry.update(phase2=p2, phase1_steps=step, phase2_steps=cfg.train.iterations - step)
-        self.log.write({"event": "phase", "task": t, "task_name": self.task_names[t], "phase": 2, "step": step,
-                        "action": "start", "trainable": p2,
+        started = sum(entry.get(f"phase{p}_steps") or 0 for p in range(1, phase))
+        entry.update({f"phase{nxt}": trainable, f"phase{phase}_steps": step - started,
+                      f"phase{nxt}_steps": cfg.train.iterations - step})
+        self.log.write({"event": "phase", "task": t, "task_name": self.task_names[t], "phase": nxt, "step": step,
+                        "action": "start", "trainable": trainable,
                         "pool": {n: [layer.num_frozen, layer.num_trainable] for n, layer in self.layers}})
-        self._save("phase1")
+        self._save(f"phase{phase}")
 
     def _end_task(self, t: int) -> None:
         cfg = self.config
         usage = {n: layer.usage().tolist() for n, layer in self.layers}
-        if self.method == "igsp":
-            if self.anchor is not None and t > 0:
-                err = orthogonality_error(self.layers, self.bases, self.anchor)
-                self.records["orthogonality"].append({"task": t, "max_relative_inside": err})
-            for _, layer in self.layers:
-                layer.freeze_experts(layer.trainable_expert_ids())
-        else:  # moe-adapters: freeze the most used trainable experts of each layer (usage over the whole task)
-            for _, layer in self.layers:
-                u = layer.usage()
-                ids = sorted(layer.trainable_expert_ids(), key=lambda e: (-float(u[e]), e))
-                layer.freeze_experts(ids[:cfg.method.freeze_per_task])
-            entry = self.records["params"][-1]
+        self.method.end_task(t)
+        entry = self.records["params"][-1]
+        if entry["phase1_steps"] is None:  # phase 1 ran to the end of the task
             entry.update(phase1_steps=cfg.train.iterations)
         for _, layer in self.layers:
             layer.routers[str(t)].weight.requires_grad_(False)
-        if self.method == "igsp":
-            self.bases = compute_bases(self.layers, cfg.method.energy)
         self.records["usage"].append({"task": t, "usage": usage})
         feats = self._frozen_features(self.stream[t][0], t)
         assert self.selector is not None
         threshold = self.selector.add_task(t, feats)
-        self.optimizer, self.anchor, self.detector = None, None, None
+        self.optimizer = None
         self.progress.update(stage="eval")
         phase = self.progress["phase"]
         self.log.write({"event": "phase", "task": t, "task_name": self.task_names[t], "phase": phase,
@@ -877,7 +783,7 @@ class Trainer:
         params["per_task"] = self.records["params"]
         wall = self.wall_time_prev if wall_time is None else wall_time
         return {
-            "method": self.method,
+            "method": self.method.name,
             "name": self.config.name,
             "tasks": self.task_names,
             "acc": self.acc,
@@ -903,19 +809,14 @@ class Trainer:
     def _state(self, wall_time: float | None) -> dict[str, Any]:
         return {
             "format": CHECKPOINT_FORMAT,
-            "method": self.method,
+            "method": self.method.name,
             "task_names": list(self.task_names),
             "progress": dict(self.progress),
             "adapters": adapter_state_dict(self.model),
             "usage": usage_state(self.layers),
             "selector": self.selector.state_dict() if self.selector is not None else None,
-            "bases": {n: b.state_dict() for n, b in self.bases.items()},
             "optimizer": self.optimizer.state_dict() if self.optimizer is not None else None,
-            "anchor": ({n: [a.cpu(), b.cpu()] for n, (a, b) in self.anchor.items()}
-                       if self.anchor is not None else None),
-            "detector": self.detector.state_dict() if self.detector is not None else None,
-            "grad_window": {"acc": {n: a.cpu() for n, a in self._gn["acc"].items()}, "count": self._gn["count"],
-                            "last": self._gn["last"]},
+            "method_state": self.method.state_dict(),
             "rng": {"torch": torch.get_rng_state(),
                     "cuda": list(torch.cuda.get_rng_state_all()) if self.device.type == "cuda" else []},
             "acc": self.acc,
@@ -941,9 +842,9 @@ class Trainer:
                     self.progress["stage"], self.progress["phase"], self.progress["step"])
 
     def _restore(self, ckpt: dict[str, Any]) -> None:
-        if ckpt["method"] != self.method or list(ckpt["task_names"]) != self.task_names:
+        if ckpt["method"] != self.method.name or list(ckpt["task_names"]) != self.task_names:
             raise ValueError(f"checkpoint of method {ckpt['method']!r} on tasks {ckpt['task_names']} does not match "
-                             f"this config (method {self.method!r}, tasks {self.task_names})")
+                             f"this config (method {self.method.name!r}, tasks {self.task_names})")
         ref = ckpt["backbone_checksum"]
         if any(not math.isclose(a, b, rel_tol=1e-9, abs_tol=1e-6) for a, b in zip(ref, self._checksum)):
             raise ValueError(f"the rebuilt backbone differs from the checkpoint's (checksum {self._checksum} vs "
@@ -958,29 +859,17 @@ class Trainer:
                 router.weight.requires_grad_(stage == "train" and key == str(t))
         if self.selector is not None and ckpt["selector"] is not None:
             self.selector.load_state_dict(ckpt["selector"])
-        self.bases = {n: LayerBasis(b["U_in"].to(self.device), b["U_out"].to(self.device))
-                      for n, b in ckpt["bases"].items()}
         self.acc = [list(r) for r in ckpt["acc"]]
         self.records = {k: list(v) for k, v in ckpt["records"].items()}
         self.wall_time_prev = float(ckpt["wall_time_s"])
         self.train_time = float(ckpt["train_time_s"])
         self.train_images = int(ckpt["train_images"])
-        gw = ckpt["grad_window"]
-        self._gn = {"acc": {n: a.to(self.device) for n, a in gw["acc"].items()}, "count": int(gw["count"]),
-                    "last": dict(gw["last"])}
+        self.method.load_state_dict(method_state(ckpt), self.progress)
         if stage == "train":
             igsp_kernels.set_task(self.model, t)
             self.optimizer = self._make_optimizer(t)
             if ckpt["optimizer"] is not None:
                 self.optimizer.load_state_dict(ckpt["optimizer"])
-            if self.method == "igsp" and self.progress["phase"] == 1:
-                cfg = self.config
-                self.detector = RouterConvergence(cfg.method.check_every, cfg.method.eps, cfg.method.patience,
-                                                  cfg.method.min_steps, cfg.method.max_fraction,
-                                                  cfg.train.iterations)
-                self.detector.load_state_dict(ckpt["detector"])
-            if ckpt["anchor"] is not None:
-                self.anchor = {n: (a.to(self.device), b.to(self.device)) for n, (a, b) in ckpt["anchor"].items()}
         torch.set_rng_state(ckpt["rng"]["torch"])
         if self.device.type == "cuda" and ckpt["rng"]["cuda"]:
             torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
@@ -990,6 +879,18 @@ class Trainer:
                             "step": self.progress["step"]})
         logger.info("resumed %s at task %d, stage %s, phase %d, step %d", self.run_dir, t, stage,
                     self.progress["phase"], self.progress["step"])
+
+
+# Top-level checkpoint keys that held the igsp method's state before the methods moved to igsp/methods/ (the
+# checkpoint format is otherwise unchanged): read into "method_state" when a checkpoint has none.
+_LEGACY_METHOD_KEYS = ("bases", "anchor", "detector", "grad_window")
+
+
+def method_state(ckpt: dict[str, Any]) -> dict[str, Any]:
+    """The checkpoint's method state; a checkpoint written before igsp/methods/ existed is converted."""
+    if "method_state" in ckpt:
+        return ckpt["method_state"]
+    return {k: ckpt[k] for k in _LEGACY_METHOD_KEYS if k in ckpt}
 
 
 def _progress_bar(total: int, initial: int, desc: str, enabled: bool) -> Any:
@@ -1006,9 +907,9 @@ def parameter_plan(config: Config, *, survival: float = 1.0, device: str = "cpu"
 
     Builds the model with random weights (pretrained=None) and injects the adapters to read every layer's
     shape, then replays the pool bookkeeping of each task with integers (simulating it with real tensors takes
-    ~15 s for ViT-B/16 x 11 tasks, all in copies): igsp adds C candidates per layer and keeps
-    `round(survival * C)` of them (at least what the router's top_k needs while a layer has no history);
-    moe-adapters freezes `freeze_per_task` experts per task. Counts follow igsp.metrics: a router costs
+    ~15 s for ViT-B/16 x 11 tasks, all in copies) through each method's `plan_task` (igsp: C candidates per
+    layer of which `round(survival * C)` survive, at least what the router's top_k needs while a layer has no
+    history; moe-adapters: `freeze_per_task` experts frozen per task). Counts follow igsp.metrics: a router costs
     (active experts x d_route), an expert A + B (+ biases); the selector `prototypes x embed_dim + 1` per task.
     tests/trainer/test_cli.py checks the result against hand counts and against real runs.
 
@@ -1025,40 +926,25 @@ def parameter_plan(config: Config, *, survival: float = 1.0, device: str = "cpu"
     backbone = sum(p.numel() for p in model.parameters())
     embed = int(model.text_projection.shape[1]) if getattr(model, "text_projection", None) is not None else 0
     empty = {"experts": 0, "experts_effective": 0, "routers": 0, "routers_physical": 0, "selector": 0, "total": 0}
-    if cfg.method.name == "zeroshot":
+    method_cls = get_method(cfg.method.name)
+    if not method_cls.trains:
         per_task = [{"phase1": 0, "phase2": None, "phase1_steps": 0, "phase2_steps": None} for _ in names]
         report = parameter_report(per_task, empty)
-        return {**report, "tasks": names, "method": "zeroshot", "backbone": backbone, "survival": survival}
+        return {**report, "tasks": names, "method": cfg.method.name, "backbone": backbone, "survival": survival}
     inject(model, dataclasses.replace(cfg.adapters, num_experts=0, backend="reference"))
     a = cfg.adapters
-    shapes = []  # (d_route, elements per expert)
+    plan = []
     for _, layer in adapter_layers(model):
         bias = (a.rank + layer.out_features) if a.expert_bias else 0
-        shapes.append((layer.in_features, a.rank * (layer.in_features + layer.out_features) + bias))
-    L = len(shapes)
-    frozen = [0] * L  # frozen experts per layer
-    pool = [a.num_experts] * L  # experts per layer (moe-adapters: fixed)
-    routers = [[] for _ in range(L)]  # active experts of each stored router, per layer
-    C = cfg.method.candidates
+        plan.append(PlanLayer(layer.in_features, a.rank * (layer.in_features + layer.out_features) + bias,
+                              a.num_experts))
     per_task: list[dict[str, Any]] = []
     for _ in range(T):
-        p1 = p2 = 0
-        for i, (d_route, size) in enumerate(shapes):
-            if cfg.method.name == "igsp":
-                F_, keep = frozen[i], min(C, max(round(survival * C), a.top_k - frozen[i], 0))
-                p1 += (F_ + C) * d_route + C * size
-                p2 += (F_ + keep) * d_route + keep * size
-                routers[i].append(F_ + keep)
-                frozen[i] += keep
-                pool[i] = frozen[i]
-            else:
-                p1 += pool[i] * d_route + (pool[i] - frozen[i]) * size
-                routers[i].append(pool[i])
-                frozen[i] += min(cfg.method.freeze_per_task, pool[i] - frozen[i])
-        per_task.append({"phase1": p1, "phase2": p2 if cfg.method.name == "igsp" else None,
-                         "phase1_steps": None, "phase2_steps": None})
-    experts = sum(pool[i] * size for i, (_, size) in enumerate(shapes))
-    router_total = sum(sum(r) * d_route for r, (d_route, _) in zip(routers, shapes))
+        counts = method_cls.plan_task(cfg, plan, survival)
+        per_task.append({"phase1": counts["phase1"], "phase2": counts["phase2"], "phase1_steps": None,
+                         "phase2_steps": None})
+    experts = sum(lay.pool * lay.expert_size for lay in plan)
+    router_total = sum(sum(lay.routers) * lay.d_route for lay in plan)
     selector = T * (cfg.method.selector_prototypes * embed + 1)
     added = {"experts": experts, "experts_effective": experts, "routers": router_total,
              "routers_physical": router_total, "selector": selector, "total": experts + router_total + selector}

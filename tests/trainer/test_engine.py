@@ -118,13 +118,14 @@ def test_phase2_updates_are_orthogonal_to_the_historical_bases(tiny_run):
     for t in range(1, T):
         start = _ckpt(run_dir, f"task{t}_phase1.pt")
         end = _ckpt(run_dir, f"task{t}_phase2.pt")
-        for name, (a0, b0) in start["anchor"].items():
+        state = start["method_state"]
+        for name, (a0, b0) in state["anchor"].items():
             S = a0.shape[0]
             if S == 0:
                 continue
             a1 = end["adapters"][f"{name}.A_frozen"][-S:]
             b1 = end["adapters"][f"{name}.B_frozen"][-S:]
-            U_in, U_out = start["bases"][name]["U_in"].double(), start["bases"][name]["U_out"].double()
+            U_in, U_out = state["bases"][name]["U_in"].double(), state["bases"][name]["U_out"].double()
             assert U_in.shape[1] > 0 and U_out.shape[1] > 0  # the layer has history: the check has teeth
             da = (a1 - a0).double()  # (S, d_in, r)
             dbt = (b1 - b0).double().transpose(1, 2)  # (S, d_out, r)
