@@ -78,6 +78,14 @@ _K, _SUBJ, _COL, _SIZE, _BG, _PAR, _STYLE = range(len(ATTRIBUTES))
 _WHITE = [n for n, _ in COLOURS].index("white")
 _BG_WORDS = {"plain": "plain", "gradient": "gradient", "stripes": "striped", "checkers": "checkered",
              "dots": "dotted", "noise": "noisy"}
+# Share of captions that are the bare subject name ("7.", "red star."). At initialisation a text tower pools a
+# caption's tokens about evenly, so "a photo of the digit 7" and "... 1" embed almost alike (cosine 0.95 after
+# 77k pairs without bare names) and identity is the last thing the two towers agree on; a bare name embeds
+# mostly as its own token. With 25% bare names (and the initial logit scale of 50) held-out subject accuracy
+# after 600 steps of 128 pairs was 18% against 9% (logit scale 14) and 14% (scale 50, no bare names).
+_BARE_SHARE = 0.25
+# Share of the other captions that name the subject (the rest state only its kind, colour, parity, ...).
+_IDENTITY_SHARE = 0.7
 _PREFIXES = ("", "a photo of ", "a photo of ", "an image of ", "a picture of ", "a drawing of ", "a rendering of ")
 
 
@@ -162,6 +170,15 @@ def _caption(a: list[int], rng: random.Random) -> tuple[str, list[int]]:
     def state(axis: int) -> None:
         c[axis] = a[axis]
 
+    if rng.random() < _BARE_SHARE:  # the bare name, perhaps with the colour: "7.", "red star."
+        state(_SUBJ)
+        state(_K)
+        words = [SUBJECTS[a[_SUBJ]]]
+        if rng.random() < 0.3:
+            state(_COL)
+            words.insert(0, colour)
+        return " ".join(words) + ".", c
+
     if a[_SIZE] != 1 and rng.random() < 0.3:
         state(_SIZE)
         adjs.append(rng.choice(("small", "tiny") if a[_SIZE] == 0 else ("large", "big")))
@@ -173,7 +190,7 @@ def _caption(a: list[int], rng: random.Random) -> tuple[str, list[int]]:
         state(_COL)
         post.append(rng.choice((f"in {colour}", f"coloured {colour}")))
 
-    identity = rng.random() < 0.7
+    identity = rng.random() < _IDENTITY_SHARE
     if identity:
         state(_SUBJ)
         state(_K)  # implied by the subject; stated so that it compares equal with generic captions of the kind
