@@ -84,7 +84,8 @@ def run(args: argparse.Namespace) -> int:
     manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
     w = sys.stdout.write
     w(f"pretrained {config.model} for {summary['steps']} steps in {summary['train_s']:.0f} s "
-      f"(loss {summary['first_loss']:.3f} -> {summary['last_loss']:.3f}; CPU {summary['cpu_s']:.0f} s)\n")
+      f"(loss {summary['first_loss']:.3f} -> {summary['last_loss']:.3f}; CPU {summary['cpu_s']:.0f} s training, "
+      f"{summary['cpu_workers_s']:.0f} s drawing)\n")
     probe = manifest["corpus_probe"] or {}
     w(f"held-out corpus: subject {probe.get('subject', float('nan')):.1f}%, colour "
       f"{probe.get('colour', float('nan')):.1f}%\n")

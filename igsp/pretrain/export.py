@@ -116,7 +116,7 @@ def export_pretrained(model: nn.Module, tokenizer: Any, config: PretrainConfig, 
         "parameters": {"total": params, "vocabulary_rows": int(ids.numel()),
                        "without_token_embedding": params - table.numel()},
         "training": {k: summary.get(k) for k in ("steps", "first_loss", "last_loss", "train_s", "cpu_s",
-                                                 "load_average")},
+                                                 "cpu_workers_s", "load_average")},
         "corpus_probe": summary["probes"][-1] if summary.get("probes") else None,
         "zero_shot": {"stream": dict(ZERO_SHOT_STREAM), "tasks": zero_shot,
                       "at_least_twice_chance": sorted(t for t, r in zero_shot.items()

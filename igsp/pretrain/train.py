@@ -172,12 +172,12 @@ def dense_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return state
 
 
-def _cpu_seconds() -> float:
-    """User + system CPU time of this process and its finished children (the corpus workers)."""
+def _cpu_seconds() -> tuple[float, float]:
+    """User + system CPU seconds of this process, and of its finished children (the corpus workers)."""
     import resource
 
     own, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
-    return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
+    return own.ru_utime + own.ru_stime, kids.ru_utime + kids.ru_stime
 
 
 def _image_size(model: nn.Module) -> int:
@@ -317,13 +317,14 @@ def pretrain(config: PretrainConfig, output_dir: str | os.PathLike[str], *, resu
         log.write({"event": "start", "config": dataclasses.asdict(config), "corpus_version": CORPUS_VERSION,
                    "parameters": n_params, "vocabulary": int(model.token_embedding.token_ids.numel())})
 
-    def cpu_total() -> float:
-        return base_cpu + _cpu_seconds() - cpu0
+    def cpu_total() -> dict[str, float]:
+        own, kids = _cpu_seconds()
+        return {"cpu_s": base_cpu[0] + own - cpu0[0], "cpu_workers_s": base_cpu[1] + kids - cpu0[1]}
 
     def save(step: int, spent: float) -> None:
         atomic_save({"format": PRETRAIN_FORMAT, "config": dataclasses.asdict(config), "step": step,
                      "model": model.state_dict(), "optimizer": optimizer.state_dict(), "elapsed_s": spent,
-                     "log_offset": log.offset(), "summary": {**summary, "cpu_s": cpu_total()}}, ckpt_path)
+                     "log_offset": log.offset(), "summary": {**summary, **cpu_total()}}, ckpt_path)
 
     data = CorpusSteps(config.seed, config.batch_size, _image_size(model), tokenizer)
     loader = DataLoader(data, batch_size=None, sampler=range(start_step, config.steps), num_workers=config.workers,
@@ -331,7 +332,8 @@ def pretrain(config: PretrainConfig, output_dir: str | os.PathLike[str], *, resu
                         prefetch_factor=2 if config.workers else None)
     model.train()
     bar = _progress_bar(config.steps, start_step, "pretrain", True)
-    t0, cpu0, load0, base_cpu = time.time(), _cpu_seconds(), os.getloadavg()[0], summary.get("cpu_s", 0.0)
+    t0, cpu0, load0 = time.time(), _cpu_seconds(), os.getloadavg()[0]
+    base_cpu = (summary.get("cpu_s", 0.0), summary.get("cpu_workers_s", 0.0))
     window: list[float] = []
     step = start_step
     try:
@@ -371,9 +373,11 @@ def pretrain(config: PretrainConfig, output_dir: str | os.PathLike[str], *, resu
     finally:
         bar.close()
     spent = elapsed + time.time() - t0
-    # CPU seconds and the 1-minute load average let a run on a busy shared machine be translated into what an
-    # idle one would take (wall time alone says little there).
-    summary["cpu_s"] = cpu_total()
+    # CPU seconds (the training process; the drawing workers apart) and the 1-minute load average let a run on a
+    # busy shared machine be translated into what an idle one takes: with one training thread and the drawing in
+    # its own process, an idle 2-core machine needs about the training process's CPU time (wall time alone says
+    # little on a loaded machine).
+    summary.update(cpu_total())
     summary.setdefault("load_average", []).append([round(load0, 2), round(os.getloadavg()[0], 2)])
     probe = corpus_probe(model, tokenizer, config.seed)
     summary["probes"].append({"step": step, **probe})
