@@ -39,7 +39,7 @@ logger = logging.getLogger(__name__)
 # offline (igsp-small-synthetic), so its zero-shot row and Transfer column mean something; digits (random-init
 # tiny CLIP, ~1 minute a method) stays as the fastest smoke test.
 DEMO_STREAMS: dict[str, tuple[str, ...]] = {
-    "offline-mtil": ("offline-mtil-igsp", "offline-mtil-moe-adapters", "offline-mtil-zeroshot"),
+    "offline-mtil": ("offline-mtil-igsp", "offline-mtil-moe-adapters", "offline-mtil-lora", "offline-mtil-zeroshot"),
     "digits": ("digits-igsp", "digits-moe-adapters", "digits-zeroshot"),
 }
 DEMO_PRESETS = DEMO_STREAMS["offline-mtil"]

@@ -3,7 +3,7 @@ accuracy on the offline-mtil stream (the numbers its manifest records and tests/
 
 The `.pt` file is the stock open_clip state dict minus the 49,408-row token embedding, plus the rows of the
 tokens the corpus uses (`token_ids`, `token_rows`); igsp.model.load_pretrained_file expands it back (zeros for
-every other token). At width 96 that is ~2.7 MB instead of ~21 MB. The manifest holds what is needed to trust
+every other token). For igsp-small that is 2.9 MB instead of 22 MB. The manifest holds what is needed to trust
 and rebuild the file: its sha256, the exact command and seed, the corpus version, the training summary, the
 library versions, and the recorded zero-shot accuracies.
 """

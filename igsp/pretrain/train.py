@@ -8,9 +8,9 @@ it matches, and symmetrically for images over captions (the label-aware contrast
 2022, "Unified Contrastive Learning in Image-Text-Label Space"; our own code). Its minimum is the entropy of the
 targets, not 0; the log reports the loss as is.
 
-Token embedding: open_clip's CLIP tokenizer has 49,408 tokens and the corpus uses ~130 of them. A dense embedding
-would spend most of every AdamW step on rows that never get a gradient (6.3 M of the model's parameters at width
-128), so pretraining swaps it for `CompactTokenEmbedding` (the corpus vocabulary's rows plus a fixed zero row for
+Token embedding: open_clip's CLIP tokenizer has 49,408 tokens and the corpus uses 105 of them. A dense embedding
+would spend most of every AdamW step on rows that never get a gradient (4.7 M of igsp-small's 5.5 M parameters),
+so pretraining swaps it for `CompactTokenEmbedding` (the corpus vocabulary's rows plus a fixed zero row for
 every other token); export writes the full table back with zeros for the unused rows, so the result loads into a
 stock open_clip model. A token the corpus never used reads as zero (plus its position), as it should: it has no
 meaning to this model.
