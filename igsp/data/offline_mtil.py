@@ -58,6 +58,7 @@ from igsp.data.procedural import (
     photo_background,
     pixel_glyph,
     shape_mask,
+    shape_rotation,
 )
 
 __all__ = ["OFFLINE_MTIL_TASKS", "OfflineTaskSpec", "offline_mtil_benchmark", "render_source"]
@@ -123,14 +124,7 @@ def _draw(source: Source, label: int, colour_id: int, rng: random.Random, size: 
     cx, cy = 0.5 + rng.uniform(-0.08, 0.08), 0.5 + rng.uniform(-0.08, 0.08)
     if source in ("shapes", "outlines"):
         name = SHAPES[label]
-        if name in ("square", "diamond"):
-            rot = rng.uniform(-12.0, 12.0)
-        elif name == "arrow":
-            rot = rng.choice((0.0, 90.0, 180.0, 270.0)) + rng.uniform(-15.0, 15.0)
-        elif name == "moon":
-            rot = rng.uniform(0.0, 360.0)
-        else:
-            rot = rng.uniform(-25.0, 25.0)
+        rot = shape_rotation(name, rng)
         radius = rng.uniform(0.26, 0.44)
         if source == "shapes":
             mask = shape_mask(name, size, cx=cx, cy=cy, radius=radius, rotation=rot)

@@ -50,6 +50,7 @@ __all__ = [
     "pixel_glyph",
     "shape_mask",
     "shape_polygon",
+    "shape_rotation",
 ]
 
 # Ten colour names with well separated hues (and white, brown for value/saturation); RGB in [0, 1]. A text tower
@@ -164,6 +165,19 @@ def shape_polygon(name: str, rotation: float = 0.0) -> list[tuple[float, float]]
         raise ValueError(f"shape must be one of {SHAPES}, got {name!r}")
     c, s = math.cos(math.radians(rotation)), math.sin(math.radians(rotation))
     return [(c * x - s * y, s * x + c * y) for x, y in pts]
+
+
+def shape_rotation(name: str, rng: random.Random) -> float:
+    """A random rotation (degrees) for shape `name` that keeps it what it is: squares and diamonds within 12
+    degrees (beyond ~20 a square turns into a diamond), arrows in one of the four directions +- 15, crescents any
+    way round, everything else within 25."""
+    if name in ("square", "diamond"):
+        return rng.uniform(-12.0, 12.0)
+    if name == "arrow":
+        return rng.choice((0.0, 90.0, 180.0, 270.0)) + rng.uniform(-15.0, 15.0)
+    if name == "moon":
+        return rng.uniform(0.0, 360.0)
+    return rng.uniform(-25.0, 25.0)
 
 
 def _jittered(points: list[tuple[float, float]], rng: random.Random, amount: float) -> list[tuple[float, float]]:

@@ -50,6 +50,7 @@ from igsp.data.procedural import (
     low_resolution,
     normalise,
     shape_mask,
+    shape_rotation,
 )
 
 __all__ = [
@@ -144,16 +145,8 @@ def _sample_attributes(rng: random.Random) -> tuple[list[int], dict]:
         geom.update(rotation=max(-20.0, min(20.0, rng.gauss(0.0, 8.0))), shear=rng.uniform(-0.25, 0.25),
                     aspect=rng.uniform(0.8, 1.2), stroke=rng.choice((0, 0, 2, 4)), low_res=rng.random() < 0.2)
     else:
-        name = SHAPES[a[_SUBJ] - 36]
-        if name in ("square", "diamond"):
-            rot = rng.uniform(-12.0, 12.0)  # beyond ~20 degrees a square turns into a diamond
-        elif name == "arrow":
-            rot = rng.choice((0.0, 90.0, 180.0, 270.0)) + rng.uniform(-15.0, 15.0)
-        elif name == "moon":
-            rot = rng.uniform(0.0, 360.0)
-        else:
-            rot = rng.uniform(-25.0, 25.0)
-        geom.update(rotation=rot, outline=rng.uniform(0.04, 0.1) if a[_STYLE] == 1 else 0.0)
+        geom.update(rotation=shape_rotation(SHAPES[a[_SUBJ] - 36], rng),
+                    outline=rng.uniform(0.04, 0.1) if a[_STYLE] == 1 else 0.0)
     geom["noise"] = rng.uniform(0.0, 0.04) if rng.random() < 0.5 else 0.0
     return a, geom
 
