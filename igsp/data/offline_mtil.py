@@ -44,8 +44,17 @@ from typing import Literal
 import numpy as np
 import torch
 
-from igsp.data.base import CLIP_MEAN, CLIP_STD, Split, TaskDataset, TensorTaskDataset, few_shot_indices, validate_split
-from igsp.data.digits import DigitsViewDataset, digits_split_indices, load_digits_source
+from igsp.data.base import (
+    CLIP_MEAN,
+    CLIP_STD,
+    Split,
+    TaskDataset,
+    TensorTaskDataset,
+    check_stream_arguments,
+    few_shot_indices,
+    validate_split,
+)
+from igsp.data.digits import digits_benchmark
 from igsp.data.procedural import (
     COLOURS,
     DIGITS,
@@ -187,40 +196,28 @@ def offline_mtil_benchmark(
         list of TaskDataset; each `dataset` yields `(float32 (3, S, S), int label)`.
     """
     split = validate_split(split)
-    names = list(OFFLINE_MTIL_TASKS) if tasks is None else list(tasks)
-    unknown = [t for t in names if t not in OFFLINE_MTIL_TASKS]
-    if unknown or not names or len(set(names)) != len(names):
-        raise ValueError(f"tasks must be a non-empty list of distinct names from {list(OFFLINE_MTIL_TASKS)}, "
-                         f"got {tasks!r}")
-    if not isinstance(image_size, int) or isinstance(image_size, bool) or image_size < 8:
-        raise ValueError(f"image_size must be an int >= 8, got {image_size!r}")
-    if len(mean) != 3 or len(std) != 3 or any(s <= 0 for s in std):
-        raise ValueError(f"mean and std must have 3 entries (std > 0), got mean={mean!r}, std={std!r}")
-    if few_shot is not None and split != "train":
-        raise ValueError(f"few_shot applies to the train split only, got few_shot={few_shot} with split={split!r}")
+    # 8 px at least: below that a bitmap glyph (5x7) or a shape outline no longer fits the image.
+    names = check_stream_arguments(list(OFFLINE_MTIL_TASKS), tasks, image_size, mean, std, few_shot, split,
+                                   min_size=8)
 
     out: list[TaskDataset] = []
     for name in names:
         spec = OFFLINE_MTIL_TASKS[name]
         if spec.source == "handwritten":
-            images, digits = load_digits_source()
-            train_idx, test_idx = digits_split_indices(digits, seed)
-            idx = torch.tensor(train_idx if split == "train" else test_idx, dtype=torch.int64)
-            labels = digits[idx] if spec.label_rule == "digit" else digits[idx] % 2
-            if few_shot is not None:
-                keep = torch.tensor(few_shot_indices(labels.tolist(), few_shot, seed), dtype=torch.int64)
-                idx, labels = idx[keep], labels[keep]
-            ds: torch.utils.data.Dataset = DigitsViewDataset(images[idx], labels, idx, "identity", image_size,
-                                                             mean, std, seed)
+            # The digits stream's own images and split (its "digits" / "parity" tasks): one implementation.
+            base = digits_benchmark(image_size, seed, ["digits" if spec.label_rule == "digit" else "parity"],
+                                    split=split, mean=mean, std=std, few_shot=few_shot)[0]
+            ds: torch.utils.data.Dataset = base.dataset
+            targets = base.targets
         else:
             images, by_rule = render_source(spec.source, split, seed, image_size)
             labels = by_rule[spec.label_rule]
             keep = torch.arange(labels.numel())
             if few_shot is not None:
                 keep = torch.tensor(few_shot_indices(labels.tolist(), few_shot, seed), dtype=torch.int64)
-            labels = labels[keep]
-            ds = TensorTaskDataset(normalise(images[keep], mean, std), labels.clone())
-        out.append(TaskDataset(name, ds, list(spec.classnames), list(spec.templates), split, labels.tolist()))
+            ds = TensorTaskDataset(normalise(images[keep], mean, std), labels[keep].clone())
+            targets = labels[keep].tolist()
+        out.append(TaskDataset(name, ds, list(spec.classnames), list(spec.templates), split, targets))
         logger.info("offline-mtil %s/%s: %d images, %d classes, %dx%d", name, split, len(ds), len(spec.classnames),
                     image_size, image_size)
     return out
