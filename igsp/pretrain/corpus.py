@@ -58,6 +58,7 @@ __all__ = [
     "CORPUS_VERSION",
     "EVAL_OFFSET",
     "SUBJECTS",
+    "VALUES",
     "CorpusItem",
     "caption_phrases",
     "corpus_batch",
@@ -67,10 +68,17 @@ __all__ = [
 
 CORPUS_VERSION = 1
 ATTRIBUTES: tuple[str, ...] = ("kind", "subject", "colour", "size", "background", "parity", "style")
-KINDS = ("digit", "letter", "shape")
 SUBJECTS: tuple[str, ...] = DIGITS + LETTERS + SHAPES  # subject id = index here
-SIZES = ("small", "medium", "large")
-STYLES = ("solid", "outline")
+# What each attribute value means (value v of axis `name` is VALUES[name][v]; -1 = does not apply).
+VALUES: dict[str, tuple[str, ...]] = {
+    "kind": ("digit", "letter", "shape"),
+    "subject": SUBJECTS,
+    "colour": tuple(name for name, _ in COLOURS),
+    "size": ("small", "medium", "large"),
+    "background": BACKGROUNDS,
+    "parity": ("even", "odd"),
+    "style": ("solid", "outline"),
+}
 # Indices at or above this are the held-out evaluation items: training reads index = step * batch + b, far below
 # (2**40 items at any batch size), so evaluation images are never trained on.
 EVAL_OFFSET = 2**40
