@@ -18,16 +18,24 @@ import json
 import shlex
 import sys
 import time
+import typing
 from pathlib import Path
 from typing import Any
 
 __all__ = ["add_cli_commands", "configure", "run"]
 
 
-def _fields() -> list[dataclasses.Field]:
+def _fields() -> list[tuple[dataclasses.Field, type]]:
+    """(field, its scalar type) of every PretrainConfig option (`int | None` -> int)."""
     from igsp.pretrain.train import PretrainConfig
 
-    return list(dataclasses.fields(PretrainConfig))
+    hints = typing.get_type_hints(PretrainConfig)
+    out = []
+    for f in dataclasses.fields(PretrainConfig):
+        tp = hints[f.name]
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        out.append((f, args[0] if args else tp))
+    return out
 
 
 def configure(p: argparse.ArgumentParser) -> None:
@@ -35,8 +43,7 @@ def configure(p: argparse.ArgumentParser) -> None:
     run's value)."""
     p.add_argument("--output", metavar="DIR", help="run directory (default runs/pretrain-<model>-seed<seed>)")
     p.add_argument("--resume", action="store_true", help="continue the run in --output from its latest checkpoint")
-    for f in _fields():
-        kind = {"int": int, "float": float, "str": str}[str(f.type).split(" ")[0]]
+    for f, kind in _fields():
         p.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, type=kind, default=None,
                        metavar=f.name.upper(), help=f"{f.metadata['help']} (default {f.default})")
     p.add_argument("--tag", help="name of the export (default <model>-synthetic)")
@@ -48,8 +55,9 @@ def _command(args: argparse.Namespace, config: Any, tag: str) -> str:
     parts = ["igsp", "pretrain"]
     if args.output:
         parts += ["--output", args.output]
-    for f in _fields():
-        parts += [f"--{f.name.replace('_', '-')}", str(getattr(config, f.name))]
+    for f, _ in _fields():
+        if getattr(config, f.name) is not None:
+            parts += [f"--{f.name.replace('_', '-')}", str(getattr(config, f.name))]
     parts += ["--tag", tag] + (["--install"] if args.install else [])
     return shlex.join(parts)
 
@@ -60,7 +68,7 @@ def run(args: argparse.Namespace) -> int:
     from igsp.pretrain.export import export_pretrained, install_pretrained
     from igsp.pretrain.train import PretrainConfig, pretrain
 
-    given = {f.name: getattr(args, f.name) for f in _fields() if getattr(args, f.name) is not None}
+    given = {f.name: getattr(args, f.name) for f, _ in _fields() if getattr(args, f.name) is not None}
     if args.resume:
         if not args.output:
             raise ConfigError("--resume: got no --output; allowed: the run directory to continue")
