@@ -256,7 +256,7 @@ def _param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]
     # As open_clip's training: no decay on gains, biases, embeddings and the logit scale.
     decay, no_decay = [], []
     for name, p in model.named_parameters():
-        if p.ndim < 2 or "embedding" in name or "logit_scale" in name or name.startswith("token_embedding"):
+        if p.ndim < 2 or "embedding" in name or "logit_scale" in name:  # token/positional/class embeddings
             no_decay.append(p)
         else:
             decay.append(p)
