@@ -36,3 +36,9 @@ def test_offline_mtil_demo_runs_four_methods(tmp_path, capsys):
     for j, task in enumerate(zs["tasks"]):
         assert abs(zs["acc"][0][j] - manifest["zero_shot"]["tasks"][task]["accuracy"]) <= 0.5
         assert zs["acc"][0][j] > 20.0
+    # `igsp report` renders the four runs side by side.
+    runs = [str(tmp_path / f"offline-mtil-{m}") for m in ("igsp", "moe-adapters", "lora", "zeroshot")]
+    assert main(["report", *runs, "--output", str(tmp_path / "report")]) == 0
+    table = (tmp_path / "report" / "report.md").read_text()
+    assert all(f"| offline-mtil-{m} | {m} | offline-mtil, igsp-small |" in table
+               for m in ("igsp", "moe-adapters", "lora", "zeroshot"))
