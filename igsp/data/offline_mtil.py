@@ -147,13 +147,15 @@ def _draw(source: Source, label: int, colour_id: int, rng: random.Random, size: 
     return composite(mask, colour, photo_background(size, colour, rng))
 
 
-@functools.lru_cache(maxsize=16)
+@functools.lru_cache(maxsize=8)  # 4 sources x 2 splits
 def render_source(source: Source, split: Split, seed: int,
                   image_size: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """All images of one procedural source and split, `(N, 3, S, S)` in [0, 1], and their labels by rule.
 
     Labels: shapes / outlines -> {"shape", "colour"}; letters -> {"letter", "colour"}; pixel_digits -> {"digit",
-    "parity", "colour"}. Item i has class `i % C` and colour `(i // C) % 10` (fully crossed). Cached per process.
+    "parity", "colour"}. Item i has class `i % C` and colour `(i // C) % 10` (fully crossed). Cached per process
+    (a train split is 10 MB at 32 px; the stream is meant for the 32 px igsp-small: at 224 px a split would be
+    480 MB and take minutes to draw).
     """
     if source == "handwritten":
         raise ValueError("render_source: 'handwritten' is scikit-learn's digits (load_digits_source), not rendered")
