@@ -136,15 +136,17 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["igsp_kernels", "igsp_kernels.*", "igsp", "igsp.*"]),
-    package_data={"igsp": ["configs/*.json", "model_configs/*.json"]},
+    package_data={"igsp": ["configs/*.json", "model_configs/*.json", "pretrained/*.json", "pretrained/*.pt"]},
     # The kernel layer's needs only: embedders get torch and numpy, nothing of the trainer's.
     install_requires=[
         "torch>=2.4",
         "numpy>=1.24",
     ],
     extras_require={
-        # The trainer (`igsp train|eval|params|demo|report`); safetensors also serves save_adapters.
-        "train": ["open_clip_torch>=2.24", "scikit-learn>=1.3", "matplotlib>=3.7", "tqdm>=4.60", "safetensors>=0.4"],
+        # The trainer (`igsp train|eval|params|demo|report|pretrain`); safetensors also serves save_adapters.
+        # pillow >= 10.1: ImageFont.load_default(size=...) (the corpus' scalable font, igsp.data.procedural).
+        "train": ["open_clip_torch>=2.24", "scikit-learn>=1.3", "matplotlib>=3.7", "tqdm>=4.60", "safetensors>=0.4",
+                  "pillow>=10.1"],
         "bench": ["pytest-benchmark>=4", "matplotlib>=3.7", "nvidia-ml-py>=12.0"],
         # CUDA machines: the Triton kernels (torch's CUDA wheels usually bring triton already) and NVML readings.
         "gpu": ["triton>=3.0; platform_system == 'Linux'", "nvidia-ml-py>=12.0"],

@@ -29,6 +29,7 @@ __all__ = [
     "Split",
     "TaskDataset",
     "TensorTaskDataset",
+    "check_stream_arguments",
     "few_shot_indices",
     "random_split_indices",
     "shuffled_pass_order",
@@ -137,6 +138,25 @@ def validate_split(split: str) -> Split:
     if split not in ("train", "test"):
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")
     return split  # type: ignore[return-value]
+
+
+def check_stream_arguments(known: Sequence[str], tasks: Sequence[str] | None, image_size: object,
+                           mean: Sequence[float], std: Sequence[float], few_shot: int | None, split: str, *,
+                           min_size: int = 1) -> list[str]:
+    """Validate the arguments every offline stream builder takes (digits, offline-mtil); return the task names
+    in stream order (`known`, in its order, when `tasks` is None). Raises ValueError naming the argument."""
+    validate_split(split)
+    names = list(known) if tasks is None else list(tasks)
+    unknown = [t for t in names if t not in known]
+    if unknown or not names or len(set(names)) != len(names):
+        raise ValueError(f"tasks must be a non-empty list of distinct names from {list(known)}, got {tasks!r}")
+    if not isinstance(image_size, int) or isinstance(image_size, bool) or image_size < min_size:
+        raise ValueError(f"image_size must be an int >= {min_size}, got {image_size!r}")
+    if len(mean) != 3 or len(std) != 3 or any(s <= 0 for s in std):
+        raise ValueError(f"mean and std must have 3 entries (std > 0), got mean={mean!r}, std={std!r}")
+    if few_shot is not None and split != "train":
+        raise ValueError(f"few_shot applies to the train split only, got few_shot={few_shot} with split={split!r}")
+    return names
 
 
 def random_split_indices(n: int, train_fraction: float = 0.8, seed: int = 42) -> tuple[list[int], list[int]]:

@@ -38,7 +38,15 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
-from igsp.data.base import CLIP_MEAN, CLIP_STD, Split, TaskDataset, few_shot_indices, validate_split
+from igsp.data.base import (
+    CLIP_MEAN,
+    CLIP_STD,
+    Split,
+    TaskDataset,
+    check_stream_arguments,
+    few_shot_indices,
+    validate_split,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -228,16 +236,7 @@ def digits_benchmark(
         list of TaskDataset; each `dataset` yields `(float32 (3, S, S), int label)`.
     """
     split = validate_split(split)
-    names = list(DIGITS_TASKS) if tasks is None else list(tasks)
-    unknown = [t for t in names if t not in DIGITS_TASKS]
-    if unknown or not names:
-        raise ValueError(f"tasks must be a non-empty list from {list(DIGITS_TASKS)}, got {tasks!r}")
-    if not isinstance(image_size, int) or image_size < 1:
-        raise ValueError(f"image_size must be a positive int, got {image_size!r}")
-    if len(mean) != 3 or len(std) != 3 or any(s <= 0 for s in std):
-        raise ValueError(f"mean and std must have 3 entries (std > 0), got mean={mean!r}, std={std!r}")
-    if few_shot is not None and split != "train":
-        raise ValueError(f"few_shot applies to the train split only, got few_shot={few_shot} with split={split!r}")
+    names = check_stream_arguments(list(DIGITS_TASKS), tasks, image_size, mean, std, few_shot, split)
 
     images, digits = load_digits_source()
     train_idx, test_idx = digits_split_indices(digits, seed, train_fraction)

@@ -126,7 +126,7 @@ def test_train_refuses_to_overwrite_a_run(tiny_run, capsys):
 @pytest.mark.slow
 def test_demo_runs_three_methods_side_by_side(tmp_path, capsys):
     # Shortened (2 digits tasks, 3 steps each): the full demo is `make demo` (< 10 minutes on 2 cores).
-    assert main(["-q", "demo", "--output", str(tmp_path), "--set", "train.iterations=3",
+    assert main(["-q", "demo", "--stream", "digits", "--output", str(tmp_path), "--set", "train.iterations=3",
                  "--set", "data.tasks=digits,parity"]) == 0
     out = capsys.readouterr().out
     for method in ("igsp", "moe-adapters", "zeroshot"):
