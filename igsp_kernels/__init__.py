@@ -20,6 +20,7 @@ from igsp_kernels.functional import (
 )
 from igsp_kernels.modules import (
     MoELoRALinear,
+    RoutingDecision,
     TaskRouter,
     add_router,
     count_parameters,
@@ -34,6 +35,7 @@ __version__ = "0.1.0"
 __all__ = [
     "BackendNotSupportedError",
     "MoELoRALinear",
+    "RoutingDecision",
     "TaskRouter",
     "add_router",
     "count_parameters",

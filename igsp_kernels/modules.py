@@ -27,18 +27,28 @@ import logging
 import math
 import re
 from collections.abc import Iterable, Iterator, Sequence
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from igsp_kernels.functional import Activation, BackendName, moe_lora, route_topk
+from igsp_kernels.functional import (
+    _FLOAT_DTYPES,
+    _INDEX_DTYPES,
+    Activation,
+    BackendName,
+    _check_index_range,
+    _check_tensor,
+    moe_lora,
+    route_topk,
+)
 from igsp_kernels.reference.moe_lora import ACTIVATIONS
 from igsp_kernels.reference.routing import expand_sample_routing
 
 __all__ = [
     "MoELoRALinear",
+    "RoutingDecision",
     "TaskRouter",
     "add_router",
     "count_parameters",
@@ -54,6 +64,19 @@ Routing = Literal["sample", "token"]
 RouteToken = Literal["first", "mean"]
 _GROUPS = ("frozen", "train")
 ExpertBias = tuple[torch.Tensor | None, torch.Tensor | None]
+
+
+class RoutingDecision(NamedTuple):
+    """A layer's routing for one input (`MoELoRALinear.route`), reusable by `forward(x, routing=...)`.
+
+    topk_idx: (N, k) int32 experts; topk_w: (N, k) fp32 gates (rows sum to 1, or 0 for a sample whose adapters are
+    off); probs: (N, E) fp32 router probabilities. N = B samples under per-sample routing of a 3-D input, else
+    the number of token rows.
+    """
+
+    topk_idx: torch.Tensor
+    topk_w: torch.Tensor
+    probs: torch.Tensor
 
 
 def _task_key(task: str | int) -> str:
@@ -400,13 +423,26 @@ class MoELoRALinear(nn.Module):
         return self.usage_weight / self.usage_rows.clamp(min=1)
 
     # ------------------------------------------------------------------------------------------- forward
+    def _check_input(self, x: torch.Tensor) -> None:
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"input must be a torch.Tensor, got {type(x).__name__}")
+        if x.dim() < 1 or x.shape[-1] != self.in_features:
+            raise ValueError(f"input must have shape (..., {self.in_features}), got {tuple(x.shape)}")
+
+    def _samples(self, x: torch.Tensor) -> tuple[int, int]:
+        """(routed rows N, tokens per routed row L) of input `x` under this layer's routing mode."""
+        if self.routing == "token" or x.dim() <= 2:
+            return x.numel() // self.in_features, 1
+        if x.dim() != 3:
+            raise ValueError("per-sample routing needs a 2-D (N, d) or 3-D (B, L, d) input, "
+                             f"got shape {tuple(x.shape)}")
+        return (x.shape[0], x.shape[1]) if self.batch_first else (x.shape[1], x.shape[0])
+
     def _route_input(self, x: torch.Tensor) -> tuple[torch.Tensor, int]:
         """The rows routed and how many tokens share each route: (N, d), L."""
         if self.routing == "token" or x.dim() <= 2:
             return x.reshape(-1, self.in_features), 1
-        if x.dim() != 3:
-            raise ValueError("per-sample routing needs a 2-D (N, d) or 3-D (B, L, d) input, "
-                             f"got shape {tuple(x.shape)}")
+        self._samples(x)  # the shape check
         seq = x if self.batch_first else x.transpose(0, 1)  # (B, L, d)
         xr = seq[:, 0] if self.route_token == "first" else seq.mean(dim=1)
         return xr, seq.shape[1]
@@ -421,18 +457,28 @@ class MoELoRALinear(nn.Module):
         logits = torch.einsum("nd,ned->ne", xr.float(), weights.float()[sel])
         return logits, masks[sel] | (tasks < 0).unsqueeze(1)  # an off row keeps every expert (weight 0 later)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.shape[-1] != self.in_features:
-            raise ValueError(f"input must have shape (..., {self.in_features}), got {tuple(x.shape)}")
-        base = self.base_layer
-        off = self.num_experts == 0 or (self.active_task is None and self._sample_tasks is None)
-        if off:
-            return base(x) if base is not None else x.new_zeros(*x.shape[:-1], self.out_features)
-        xr, L = self._route_input(x)
+    def _routing_on(self) -> bool:
+        return self.num_experts > 0 and (self.active_task is not None or self._sample_tasks is not None)
+
+    def route(self, x: torch.Tensor) -> RoutingDecision:
+        """This layer's routing decision for input `x` (what `forward(x)` would use), without applying it.
+
+        Per-sample routing of a 3-D input gives one row per sample: topk_idx and topk_w (B, k), probs (B, E);
+        per-token routing (or a 2-D input) one row per token: (N, k) and (N, E), N = x.numel() // in_features.
+        A sample whose task is -1 under `set_sample_tasks` gets zero weights (adapters off for it). In training
+        the configured router noise is drawn, so two calls differ; usage statistics are not recorded (the layer
+        that applies the decision records them). Share one decision between layers with `forward(x, routing=)`.
+        """
+        self._check_input(x)
+        if not self._routing_on():
+            raise RuntimeError(f"this MoELoRALinear has nothing to route: {self._why_off()}")
+        xr, _ = self._route_input(x)
         tasks = self._sample_tasks
         if tasks is not None:
-            if L == 1 and tasks.shape[0] != xr.shape[0]:  # per-token rows of (B, L, d): expand the sample tasks
-                tasks = tasks.repeat_interleave(xr.shape[0] // max(tasks.shape[0], 1))
+            if xr.shape[0] != tasks.shape[0] and xr.shape[0] % max(tasks.shape[0], 1) == 0 and x.dim() == 3:
+                # per-token rows of a (B, L, d) input: each sample's task for each of its tokens
+                L = xr.shape[0] // tasks.shape[0]
+                tasks = tasks.repeat_interleave(L) if self.batch_first else tasks.repeat(L)
             if tasks.shape[0] != xr.shape[0]:
                 raise ValueError(f"set_sample_tasks gave {tasks.shape[0]} tasks but the input has {xr.shape[0]} "
                                  f"routed rows (shape {tuple(x.shape)})")
@@ -441,6 +487,62 @@ class MoELoRALinear(nn.Module):
         idx, w, probs = route_topk(logits, self.top_k, active=active, noise_std=noise, backend=self._route_backend())
         if tasks is not None:
             w = w * (tasks >= 0).unsqueeze(1).to(w.dtype)
+        return RoutingDecision(idx, w, probs)
+
+    def _why_off(self) -> str:
+        if self.num_experts == 0:
+            return "it has no experts (add_experts)"
+        return f"no task is set (set_task(task) or set_sample_tasks(ids); routers: {self.task_names})"
+
+    def _check_decision(self, decision: Any, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor,
+                                                                        torch.Tensor | None, int]:
+        """Validate a precomputed routing; return (idx, w, probs or None, L) with L tokens sharing each row."""
+        if not isinstance(decision, (tuple, list)) or len(decision) not in (2, 3):
+            raise TypeError("routing must be a RoutingDecision or a (topk_idx, topk_w[, probs]) tuple, "
+                            f"got {type(decision).__name__}")
+        idx, w = decision[0], decision[1]
+        probs = decision[2] if len(decision) == 3 else None
+        _check_tensor("routing.topk_idx", idx, ndim=2, dtypes=_INDEX_DTYPES, device=x.device)
+        _check_tensor("routing.topk_w", w, ndim=2, dtypes=_FLOAT_DTYPES, device=x.device)
+        if tuple(w.shape) != tuple(idx.shape):
+            raise ValueError(f"routing.topk_w must have the shape of routing.topk_idx {tuple(idx.shape)}, "
+                             f"got {tuple(w.shape)}")
+        n_rows = x.numel() // self.in_features
+        n_routed, L = self._samples(x)
+        if idx.shape[0] == n_routed:
+            pass
+        elif idx.shape[0] == n_rows:  # a per-token decision for a per-sample layer: apply row by row
+            L = 1
+        else:
+            raise ValueError(f"routing has {idx.shape[0]} rows; input {tuple(x.shape)} needs {n_routed} "
+                             f"(one per routed {'sample' if L > 1 else 'row'}) or {n_rows} (one per token)")
+        if probs is not None and (not isinstance(probs, torch.Tensor)
+                                  or tuple(probs.shape) != (idx.shape[0], self.num_experts)):
+            raise ValueError(f"routing.probs must have shape ({idx.shape[0]}, {self.num_experts}) "
+                             f"(rows, experts of this layer), got "
+                             f"{tuple(probs.shape) if isinstance(probs, torch.Tensor) else type(probs).__name__}")
+        _check_index_range("routing.topk_idx", idx, self.num_experts, "the experts of this layer")
+        return idx, w, probs, L
+
+    def forward(self, x: torch.Tensor, routing: RoutingDecision | tuple[torch.Tensor, ...] | None = None
+                ) -> torch.Tensor:
+        """y = base(x) + the routed expert term. x (..., in_features) -> (..., out_features).
+
+        `routing`: a precomputed decision (`route()` of this or another layer with the same expert pool, or a
+        block-level router's (topk_idx, topk_w[, probs])) used instead of this layer's own routers; rows are
+        per routed sample (B, k) or per token (N, k). It overrides `set_task`/`set_sample_tasks`.
+        """
+        self._check_input(x)
+        base = self.base_layer
+        if routing is None and not self._routing_on():
+            return base(x) if base is not None else x.new_zeros(*x.shape[:-1], self.out_features)
+        if self.num_experts == 0:
+            raise ValueError("routing was given but this MoELoRALinear has no experts")
+        if routing is None:
+            idx, w, probs = self.route(x)
+            _, L = self._route_input(x)
+        else:
+            idx, w, probs, L = self._check_decision(routing, x)
         if self.training:
             self._record_usage(idx, w, probs)
         if L > 1:
@@ -463,9 +565,10 @@ class MoELoRALinear(nn.Module):
         return "auto" if self.backend == "cpp" else self.backend
 
     @torch.no_grad()
-    def _record_usage(self, idx: torch.Tensor, w: torch.Tensor, probs: torch.Tensor) -> None:
+    def _record_usage(self, idx: torch.Tensor, w: torch.Tensor, probs: torch.Tensor | None) -> None:
         self.usage_weight.index_add_(0, idx.reshape(-1).long(), w.reshape(-1).float())
-        self.usage_prob.add_(probs.sum(0))
+        if probs is not None:
+            self.usage_prob.add_(probs.sum(0))
         self.usage_rows.add_(idx.shape[0])
 
     # ------------------------------------------------------------------------------------- checkpointing

@@ -242,3 +242,89 @@ def test_router_created_before_any_expert_gets_the_new_experts():
     assert m.add_experts(2) == [0, 1]
     assert m.routers["0"].active.tolist() == [True, True]
     assert m(torch.randn(3, 4)).shape == (3, 4)
+
+
+# ------------------------------------------------------------------------------ route() and forward(routing=)
+@pytest.mark.parametrize("routing,shape,rows", [
+    ("sample", (3, 5, 10), 3),  # per-sample: one decision per sample of a (B, L, d) input
+    ("token", (3, 5, 10), 15),  # per-token: one per token row
+    ("sample", (4, 10), 4),  # a 2-D input routes each row as its own sample
+])
+def test_route_gives_the_decision_forward_uses(routing, shape, rows):
+    m = layer(routing=routing)
+    m.eval()
+    x = torch.randn(*shape)
+    decision = m.route(x)
+    assert isinstance(decision, ik.RoutingDecision)
+    assert decision.topk_idx.shape == (rows, 2) and decision.topk_w.shape == (rows, 2)
+    assert decision.probs.shape == (rows, 4)
+    torch.testing.assert_close(m(x, routing=decision), m(x))
+
+
+def test_one_decision_shared_by_two_layers_of_a_block():
+    # c_fc routes once; c_proj (same pool size) applies the same experts and weights.
+    fc, proj = layer(E=4), MoELoRALinear.from_linear(nn.Linear(7, 10), num_experts=4, rank=3, top_k=2)
+    with torch.no_grad():
+        proj.B_train.normal_()
+    x = torch.randn(2, 6, 10)
+    d = fc.route(x)
+    h = fc(x, routing=d)
+    y = proj(h, routing=d)  # proj has no router and no task: the decision is enough
+    A, B, _ = proj.expert_weights()
+    idx, w = ik.expand_sample_routing(d.topk_idx, d.topk_w, 6)
+    want = ik.moe_lora(h.reshape(-1, 7), A, B, idx, w, base_weight=proj.base_layer.weight,
+                       base_bias=proj.base_layer.bias)
+    torch.testing.assert_close(y, want.reshape(2, 6, 10))
+
+
+def test_per_token_decision_on_a_per_sample_layer_and_tuple_form():
+    m = layer()
+    x = torch.randn(2, 3, 10)
+    rows = x.reshape(-1, 10)
+    idx, w, _ = ik.route_topk(torch.randn(6, 4), 2)
+    A, B, _ = m.expert_weights()
+    want = ik.moe_lora(rows, A, B, idx, w, base_weight=m.base_layer.weight, base_bias=m.base_layer.bias, scale=0.5)
+    torch.testing.assert_close(m(x, routing=(idx, w)).reshape(-1, 7), want)
+
+
+def test_precomputed_routing_records_usage_in_the_applying_layer():
+    m = layer()
+    m.train()
+    d = m.route(torch.randn(4, 3, 10))
+    assert m.usage_rows.item() == 0  # route() alone records nothing
+    m(torch.randn(4, 3, 10), routing=d)
+    assert m.usage_rows.item() == 4
+    torch.testing.assert_close(m.usage_prob, d.probs.sum(0))
+
+
+def test_route_of_sample_tasks_zeroes_off_samples():
+    m = layer()
+    m.set_sample_tasks(torch.tensor([0, -1, 0]))
+    d = m.route(torch.randn(3, 4, 10))
+    assert d.topk_w[1].abs().sum() == 0 and torch.allclose(d.topk_w[[0, 2]].sum(-1), torch.ones(2))
+
+
+@pytest.mark.parametrize("bad,exc,pattern", [
+    ("idx", TypeError, r"routing must be a RoutingDecision or a \(topk_idx, topk_w\[, probs\]\) tuple, got Tensor"),
+    ((torch.zeros(5, 2, dtype=torch.int32), torch.ones(5, 2)), ValueError,
+     r"routing has 5 rows; input \(2, 3, 10\) needs 2 \(one per routed sample\) or 6 \(one per token\)"),
+    ((torch.zeros(2, 2, dtype=torch.int32), torch.ones(2, 1)), ValueError,
+     r"routing.topk_w must have the shape of routing.topk_idx \(2, 2\), got \(2, 1\)"),
+    ((torch.zeros(2, 2, dtype=torch.int32), torch.ones(2, 2), torch.ones(2, 3)), ValueError,
+     r"routing.probs must have shape \(2, 4\)"),
+    ((torch.full((2, 2), 4, dtype=torch.int32), torch.ones(2, 2)), IndexError,
+     r"routing.topk_idx values must lie in \[0, 4\) \(the experts of this layer\), got 4"),
+])
+def test_precomputed_routing_is_validated(bad, exc, pattern):
+    m = layer()
+    x = torch.randn(2, 3, 10)
+    if bad == "idx":
+        bad = torch.zeros(2, 2, dtype=torch.int32)
+    with pytest.raises(exc, match=pattern):
+        m(x, routing=bad)
+
+
+def test_route_without_a_task_says_what_to_call():
+    m = MoELoRALinear.from_linear(nn.Linear(10, 7), num_experts=2, rank=2)
+    with pytest.raises(RuntimeError, match=r"no task is set \(set_task\(task\) or set_sample_tasks"):
+        m.route(torch.randn(2, 10))
