@@ -631,7 +631,8 @@ class Trainer:
         if entry["phase1_steps"] is None:  # phase 1 ran to the end of the task
             entry.update(phase1_steps=cfg.train.iterations)
         for _, layer in self.layers:
-            layer.routers[str(t)].weight.requires_grad_(False)
+            if str(t) in layer.routers:  # a RouteFollower (block routing) has none
+                layer.routers[str(t)].requires_grad_(False)
         self.records["usage"].append({"task": t, "usage": usage})
         feats = self._frozen_features(self.stream[t][0], t)
         assert self.selector is not None
@@ -856,7 +857,7 @@ class Trainer:
         t, stage = self.progress["task"], self.progress["stage"]
         for _, layer in self.layers:
             for key, router in layer.routers.items():
-                router.weight.requires_grad_(stage == "train" and key == str(t))
+                router.requires_grad_(stage == "train" and key == str(t))
         if self.selector is not None and ckpt["selector"] is not None:
             self.selector.load_state_dict(ckpt["selector"])
         self.acc = [list(r) for r in ckpt["acc"]]
@@ -902,6 +903,21 @@ def _progress_bar(total: int, initial: int, desc: str, enabled: bool) -> Any:
 
 
 # ---------------------------------------------------------------------------------- parameter planning
+def _router_numel_per_expert(layer: nn.Module) -> int:
+    """Router elements per active expert of a layer, read off a probe router (0 for a layer without routers).
+
+    Counts whatever a router holds (the gate, and the noise gate of learned noisy gating), so the plan follows
+    the module rather than a formula. The probe expert and router are removed again (the plan's model is a
+    throwaway anyway)."""
+    layer.add_experts(1, active_in=[])
+    router = layer.add_router("__plan__")
+    per_expert = sum(p.numel() for p in router.parameters()) if router is not None else 0
+    if router is not None:
+        del layer.routers["__plan__"]
+    layer.remove_experts([layer.num_experts - 1])
+    return per_expert
+
+
 def parameter_plan(config: Config, *, survival: float = 1.0, device: str = "cpu") -> dict[str, Any]:
     """Parameter counts of a config without data or training (`igsp params`).
 
@@ -936,15 +952,15 @@ def parameter_plan(config: Config, *, survival: float = 1.0, device: str = "cpu"
     plan = []
     for _, layer in adapter_layers(model):
         bias = (a.rank + layer.out_features) if a.expert_bias else 0
-        plan.append(PlanLayer(layer.in_features, a.rank * (layer.in_features + layer.out_features) + bias,
-                              a.num_experts))
+        plan.append(PlanLayer(_router_numel_per_expert(layer), a.rank * (layer.in_features + layer.out_features)
+                              + bias, a.num_experts))
     per_task: list[dict[str, Any]] = []
     for _ in range(T):
         counts = method_cls.plan_task(cfg, plan, survival)
         per_task.append({"phase1": counts["phase1"], "phase2": counts["phase2"], "phase1_steps": None,
                          "phase2_steps": None})
     experts = sum(lay.pool * lay.expert_size for lay in plan)
-    router_total = sum(sum(lay.routers) * lay.d_route for lay in plan)
+    router_total = sum(sum(lay.routers) * lay.router_size for lay in plan)
     selector = T * (cfg.method.selector_prototypes * embed + 1)
     added = {"experts": experts, "experts_effective": experts, "routers": router_total,
              "routers_physical": router_total, "selector": selector, "total": experts + router_total + selector}

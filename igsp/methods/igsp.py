@@ -67,8 +67,8 @@ class IGSPMethod(Method):
         p1 = p2 = 0
         for lay in layers:
             F_, keep = lay.frozen, min(C, max(round(survival * C), top_k - lay.frozen, 0))
-            p1 += (F_ + C) * lay.d_route + C * lay.expert_size
-            p2 += (F_ + keep) * lay.d_route + keep * lay.expert_size
+            p1 += (F_ + C) * lay.router_size + C * lay.expert_size
+            p2 += (F_ + keep) * lay.router_size + keep * lay.expert_size
             lay.routers.append(F_ + keep)
             lay.frozen += keep
             lay.pool = lay.frozen
@@ -124,7 +124,7 @@ class IGSPMethod(Method):
         det = self.detector
         assert det is not None
         before = len(det.history)
-        converged = det.step(step, self.layers)
+        converged = det.step(step, self.routing_layers())
         if len(det.history) > before:
             count = max(self._gn["count"], 1)
             self._gn["last"] = {n: [float(v) / count for v in a.tolist()] for n, a in self._gn["acc"].items()}
@@ -144,7 +144,8 @@ class IGSPMethod(Method):
         report: dict[str, Any] = {}
         grad_norms = dict(self._gn["last"])
         removed = prune_candidates(self.layers, dict(det.last_usage), cfg.method.tau,
-                                   rank_energy=cfg.method.rank_energy, min_keep=cfg.method.min_keep, report=report)
+                                   rank_energy=cfg.method.rank_energy, min_keep=cfg.method.min_keep, report=report,
+                                   followers=self.followers)
         self.trainer.log.write({"event": "prune", "task": t, "task_name": self.trainer.task_names[t], "step": step,
                                 "phase": 1, "tau": cfg.method.tau,
                                 "usage": {n: r["share"] for n, r in report.items()},

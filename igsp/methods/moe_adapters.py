@@ -32,7 +32,11 @@ class MoEAdaptersMethod(Method):
 
     def end_task(self, t: int) -> None:
         k = self.trainer.config.method.freeze_per_task
-        for _, layer in self.layers:
+        chosen: dict[str, list[int]] = {}
+        for name, layer in self.routing_layers():
             u = layer.usage()
             ids = sorted(layer.trainable_expert_ids(), key=lambda e: (-float(u[e]), e))
-            layer.freeze_experts(ids[:k])
+            chosen[name] = ids[:k]
+        follows = self.followers
+        for name, layer in self.layers:  # a follower freezes its leader's choice (block routing: expert pairs)
+            layer.freeze_experts(chosen[follows.get(name, name)])
