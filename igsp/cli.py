@@ -34,7 +34,7 @@ __all__ = ["COMMANDS", "OPTIONAL_COMMAND_MODULES", "DEMO_PRESETS", "format_matri
 logger = logging.getLogger(__name__)
 
 DEMO_PRESETS = ("digits-igsp", "digits-moe-adapters", "digits-zeroshot")
-OPTIONAL_COMMAND_MODULES = ("igsp.report",)
+OPTIONAL_COMMAND_MODULES = ("igsp.report", "igsp.ablate")
 
 
 @dataclass

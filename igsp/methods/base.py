@@ -32,6 +32,7 @@ for log.jsonl and the lists in `trainer.records` for results.json ("convergence"
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 import torch
@@ -60,6 +61,16 @@ class TrainerView(Protocol):
     task_names: list[str]
     records: dict[str, list[Any]]  # results.json's method records: "convergence", "prune", "orthogonality"
     log: _Log  # log.jsonl (a no-op off rank 0)
+    optimizer: torch.optim.Optimizer | None  # the current phase's (lr of this step: param_groups[0]["lr"])
+
+    def task_batches(self, t: int, max_samples: int) -> Iterator[tuple[torch.Tensor, torch.Tensor, int]]:
+        """(images, labels, subsample size) of this rank's share of a seeded subsample of task t's training set."""
+
+    def task_loss(self, t: int, images: torch.Tensor, labels: torch.Tensor, normaliser: int) -> torch.Tensor:
+        """Task t's training loss on a batch, summed over rows / normaliser."""
+
+    def all_reduce_(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Sum over DDP ranks in place (a no-op in one process)."""
 
 
 class PlanLayer:
