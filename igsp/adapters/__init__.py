@@ -280,7 +280,11 @@ class BlockRoutedMLP(nn.Sequential):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         fc, proj = self.c_fc, self.c_proj
         acts = [m for name, m in self.named_children() if name not in ("c_fc", "c_proj")]
-        decision = fc.route(x) if fc._routing_on() else None  # None: adapters off, both layers give the base
+        # c_fc routes when a task is set on it (one for the batch, or one per sample); otherwise its own forward
+        # decides (the base output when the adapters are off, an error when no task was ever set) and c_proj,
+        # given no decision, gives its base output.
+        on = fc.num_experts > 0 and (fc.active_task is not None or getattr(fc, "_sample_tasks", None) is not None)
+        decision = fc.route(x) if on else None
         h = fc(x, routing=decision) if decision is not None else fc(x)
         for act in acts:
             h = act(h)
