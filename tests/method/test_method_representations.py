@@ -158,3 +158,19 @@ def test_outside_fractions_of_random_candidates_match_the_random_reference(make_
     assert mean == pytest.approx(fr[name]["A_random"], rel=0.05)
     assert fr[name]["A_random"] == pytest.approx((1 - 5 / d) ** 0.5)
     assert all(v is None for v in fr[name]["B"])
+
+
+def test_grams_are_summed_over_ranks(make_history):
+    # Under DDP each rank sees its share of the sample budget; `all_reduce` sums the Grams (here a fake world
+    # of two identical ranks: every Gram doubles).
+    model, layers = make_history(n_hist=1, n_cand=2, cand_b_std=0.3)
+    x = torch.randn(5, 12)
+
+    def loss() -> torch.Tensor:
+        return model(x).square().sum()
+
+    one = representation_grams(layers, [loss])
+    two = representation_grams(layers, [loss], all_reduce=lambda t: t.mul_(2))
+    for n in one:
+        torch.testing.assert_close(two[n][0], 2 * one[n][0])
+        torch.testing.assert_close(two[n][1], 2 * one[n][1])
