@@ -145,7 +145,13 @@ def _run_numbers(res: dict[str, Any]) -> dict[str, Any]:
     p = res.get("params") or {}
     conv = res.get("convergence") or []
     steps = [c["converged_at"] for c in conv if isinstance(c.get("converged_at"), int)]
-    return {**{k: m.get(k) for k in METRICS},
+    sub = res.get("subspace") or []  # igsp: per task with history, the candidates' out-of-subspace fractions
+
+    def sub_mean(key: str) -> float | None:
+        vals = [s[key] for s in sub if isinstance(s.get(key), (int, float))]
+        return sum(vals) / len(vals) if vals else None
+
+    return {**{k: m.get(k) for k in METRICS}, "A_outside": sub_mean("A_outside"), "B_outside": sub_mean("B_outside"),
             "trainable_avg": p.get("trainable_avg"), "total_added": p.get("total_added"),
             "phase1_steps": sum(steps) / len(steps) if steps else None,
             "phase1s": len(conv), "forced": sum(bool(c.get("forced")) for c in conv)}
@@ -168,7 +174,7 @@ def aggregate(runs: Sequence[AblationRun], failed: dict[str, str]) -> list[dict[
     for entry in cells.values():
         done = [r for r in entry["runs"] if r["status"] == "done"]
         summary: dict[str, Any] = {"runs": len(done), "planned": len(entry["runs"])}
-        for key in (*METRICS, "trainable_avg", "total_added", "phase1_steps"):
+        for key in (*METRICS, "trainable_avg", "total_added", "phase1_steps", "A_outside", "B_outside"):
             mean, sd = _mean_sd([r[key] for r in done if r.get(key) is not None])
             summary[key] = {"mean": mean, "sd": sd}
         summary["phase1s"] = sum(r["phase1s"] for r in done)
@@ -186,6 +192,11 @@ def _pm(stat: dict[str, Any], digits: int = 1) -> str:
     return f"{stat['mean']:.{digits}f} ± {stat['sd']:.{digits}f}"
 
 
+def _outside(s: dict[str, Any]) -> str:
+    a, b = s["A_outside"]["mean"], s["B_outside"]["mean"]
+    return "n/a" if a is None or b is None else f"{a:.2f} / {b:.2f}"
+
+
 def _count(stat: dict[str, Any]) -> str:
     return "n/a" if stat["mean"] is None else f"{stat['mean']:,.0f}"
 
@@ -194,10 +205,13 @@ def markdown(preset: str, cells: Sequence[dict[str, Any]], seeds: Sequence[int],
     """The ablation table (one row per cell) with how it was made."""
     keys = list(cells[0]["cell"]) if cells else []
     head = [*keys, "runs", "Transfer", "Avg", "Last", "trainable / task", "total added", "phase-1 steps",
-            "forced / phase-1s"]
+            "forced / phase-1s", "A / B outside"]
     lines = [f"# Ablation: `{preset}`", "",
              f"Seeds {', '.join(map(str, seeds))}; mean ± sample sd over the finished runs of each cell "
-             "(accuracies in %, parameters as element counts, phase-1 steps per task averaged over tasks).",
+             "(accuracies in %, parameters as element counts, phase-1 steps per task averaged over tasks; "
+             "forced: phase-1s ended by the cap, not the convergence criterion; A / B outside: the mean fraction "
+             "of a candidate's A and B outside the historical subspace when phase 1 ends, over tasks with "
+             "history; a random matrix shows sqrt(1 - m/d) for an m-dimensional subspace of R^d).",
              "", f"Command: `{command}`", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for c in cells:
@@ -205,7 +219,7 @@ def markdown(preset: str, cells: Sequence[dict[str, Any]], seeds: Sequence[int],
         forced = f"{s['forced']}/{s['phase1s']}" if s["phase1s"] else "n/a"
         row = [*(f"`{c['cell'][k]}`" for k in keys), f"{s['runs']}/{s['planned']}",
                _pm(s["transfer"]), _pm(s["avg"]), _pm(s["last"]), _count(s["trainable_avg"]),
-               _count(s["total_added"]), _pm(s["phase1_steps"], 0), forced]
+               _count(s["total_added"]), _pm(s["phase1_steps"], 0), forced, _outside(s)]
         lines.append("| " + " | ".join(row) + " |")
     missing = [(c["name"], r["seed"], r["status"]) for c in cells for r in c["runs"] if r["status"] != "done"]
     if missing:

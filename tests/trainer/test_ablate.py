@@ -34,7 +34,8 @@ def _fake_results(run_dir: Path, transfer: float, avg: float, last: float, force
     run_dir.mkdir(parents=True)
     res = {"complete": True, "metrics": {"transfer": transfer, "avg": avg, "last": last},
            "params": {"trainable_avg": 1000.0, "total_added": 5000},
-           "convergence": [{"task": i, "converged_at": 100 if f else 60, "forced": f} for i, f in enumerate(forced)]}
+           "convergence": [{"task": i, "converged_at": 100 if f else 60, "forced": f} for i, f in enumerate(forced)],
+           "subspace": [{"task": 1, "A_outside": transfer / 100, "B_outside": 0.25}]}
     (run_dir / "results.json").write_text(json.dumps(res))
 
 
@@ -55,7 +56,7 @@ def test_aggregate_mean_and_sample_sd(tmp_path):
     assert lam1["summary"]["runs"] == 1 and lam1["summary"]["transfer"]["sd"] is None
     assert [r["status"] for r in lam1["runs"]] == ["done", "failed", "missing"]
     text = markdown("tiny", cells, [0, 1, 2], "igsp ablate tiny")
-    assert "| `0` | 3/3 | 12.0 ± 2.0 | 22.0 ± 2.0 | 33.0 ± 3.0 | 1,000 | 5,000 | 80 ± 0 | 3/6 |" in text
+    assert "| `0` | 3/3 | 12.0 ± 2.0 | 22.0 ± 2.0 | 33.0 ± 3.0 | 1,000 | 5,000 | 80 ± 0 | 3/6 | 0.12 / 0.25 |" in text
     assert "| `1` | 1/3 | 50.0 |" in text
     assert "method.lam=1 seed 1 (failed)" in text and "seed 2 (missing)" in text
 
