@@ -59,11 +59,16 @@ def _layer_model():
     return model
 
 
-def test_block_forward_applies_c_fc_decision_to_both_linears():
+def _eval_mlp(block: int, batch: int):
+    """(model in eval mode, the vision MLP of `block`, an input (batch, 5 tokens, width))."""
     model = _block_model()
     model.eval()
-    mlp = model.visual.transformer.resblocks[1].mlp
-    x = torch.randn(3, 5, mlp.c_fc.in_features)
+    mlp = model.visual.transformer.resblocks[block].mlp
+    return model, mlp, torch.randn(batch, 5, mlp.c_fc.in_features)
+
+
+def test_block_forward_applies_c_fc_decision_to_both_linears():
+    _, mlp, x = _eval_mlp(1, 3)
     with torch.no_grad():
         y = mlp(x)
         idx, w, _ = mlp.c_fc.route(x)  # per sample: (3, 2)
@@ -95,10 +100,7 @@ def test_shared_router_learns_from_both_linears():
 
 
 def test_adapters_off_and_per_sample_tasks():
-    model = _block_model()
-    model.eval()
-    mlp = model.visual.transformer.resblocks[0].mlp
-    x = torch.randn(2, 5, mlp.c_fc.in_features)
+    model, mlp, x = _eval_mlp(0, 2)
     with torch.no_grad():
         base = mlp.c_proj.base_layer(mlp.gelu(mlp.c_fc.base_layer(x)))
         ik.set_task(model, None)

@@ -7,10 +7,7 @@ import shutil
 
 import pytest
 import torch
-from trainer_helpers import TINY_OVERRIDES, read_log, run_tiny
-
-from igsp.config import load_config
-from igsp.engine import Trainer
+from trainer_helpers import read_log, resume_in_process, run_tiny, same_adapters
 
 # Two tasks of 16 steps (phase 1 ends by step 8 at the latest): enough for a basis to grow twice and for a
 # regularized phase 1 with history, at about half the cost of the full tiny preset.
@@ -72,15 +69,8 @@ def test_options_resume_bit_for_bit(options_run, tmp_path):
         shutil.copytree(ref_dir, run)
         shutil.copy(ref_dir / "checkpoints" / ckpt, run / "checkpoints" / "latest.pt")
         (run / "results.json").unlink()
-        config = load_config(run, TINY_OVERRIDES)
-        trainer = Trainer(config, resume=run)
-        try:
-            res = trainer.fit()
-        finally:
-            trainer.close()
+        res = resume_in_process(run)
         assert res["acc"] == ref["acc"]
         assert res["subspace"] == ref["subspace"] and res["bases"] == ref["bases"]
         assert [c["converged_at"] for c in res["convergence"]] == [c["converged_at"] for c in ref["convergence"]]
-        a = torch.load(run / "checkpoints" / "latest.pt", weights_only=True)["adapters"]
-        b = torch.load(ref_dir / "checkpoints" / "latest.pt", weights_only=True)["adapters"]
-        assert all(torch.equal(a[k], b[k]) for k in b)
+        assert same_adapters(run, ref_dir)
