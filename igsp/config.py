@@ -107,18 +107,20 @@ class MethodConfig:
     name: str = field(default="igsp", metadata={"help": f"one of {method_names()} (igsp/methods/)"})
     # iGSP phase 1 (METHOD.md section 3).
     candidates: int = field(default=4, metadata={"help": "igsp: candidate experts C added per layer per task"})
-    lam: float = field(default=0.1, metadata={"help": "igsp: weight of the subspace regularizer (phase 1)"})
-    reg_mode: str = field(default="loss", metadata={
-        "help": "igsp: 'loss' (lam * R added to the loss, through Adam) or 'decoupled' (after each step the "
-                "candidates' out-of-subspace part shrinks by lr * lam, as AdamW's weight decay)"})
+    lam: float = field(default=4.0, metadata={
+        "help": "igsp: strength of the phase-1 subspace regularizer (decoupled: decay rate per unit of lr)"})
+    reg_mode: str = field(default="decoupled", metadata={
+        "help": "igsp: 'decoupled' (after each step the candidates' out-of-subspace part shrinks by lr * lam, as "
+                "AdamW's weight decay) or 'loss' (lam * R added to the loss, through Adam; see docs/method.md)"})
     basis: str = field(default="weights", metadata={
         "help": "igsp: historical subspace from the frozen experts' 'weights' or from the layers' 'activations' "
                 "(inputs and output gradients on past tasks, as GPM)"})
     basis_samples: int = field(default=256, metadata={
         "help": "igsp, basis='activations': training images per task whose representations are collected"})
     check_every: int = field(default=20, metadata={"help": "router convergence: steps per usage window"})
-    eps: float = field(default=0.05, metadata={"help": "router convergence: total-variation threshold"})
-    patience: int = field(default=3, metadata={"help": "router convergence: checks below eps in a row"})
+    eps: float = field(default=0.1, metadata={
+        "help": "router convergence: smallest total-variation change that counts (the noise floor may be higher)"})
+    patience: int = field(default=3, metadata={"help": "router convergence: stable checks in a row"})
     min_steps: int = field(default=50, metadata={"help": "router convergence: earliest step phase 1 may end"})
     max_fraction: float = field(default=0.5, metadata={"help": "phase 1 ends at the latest at this task fraction"})
     noise_floor: str = field(default="permutation", metadata={
