@@ -25,6 +25,7 @@ import logging
 import math
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -280,6 +281,22 @@ def _configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--output", help="ablation directory (default runs/ablate-<preset>)")
 
 
+def _command_line(args: argparse.Namespace) -> str:
+    """The `igsp ablate` command that reproduces this invocation (from the parsed arguments, not sys.argv)."""
+    parts = ["igsp ablate", shlex.quote(args.preset), f"--seeds {args.seeds}"]
+    if args.first_seed:
+        parts.append(f"--first-seed {args.first_seed}")
+    if args.seed_key != "train.seed":
+        parts.append(f"--seed-key {shlex.quote(args.seed_key)}")
+    parts += [f"--grid {shlex.quote(g)}" for g in args.grid]
+    parts += [f"--set {shlex.quote(o)}" for o in args.overrides]
+    if args.jobs:
+        parts.append(f"--jobs {args.jobs}")
+    if args.output:
+        parts.append(f"--output {shlex.quote(args.output)}")
+    return " ".join(parts)
+
+
 def _run(args: argparse.Namespace) -> int:
     from igsp.config import ConfigError
 
@@ -289,7 +306,7 @@ def _run(args: argparse.Namespace) -> int:
     try:
         grid = parse_grid(args.grid)
         output = Path(args.output or f"runs/ablate-{Path(args.preset).stem}")
-        command = "igsp ablate " + " ".join(sys.argv[2:]) if len(sys.argv) > 2 else ""
+        command = _command_line(args)
         report = run_ablation(args.preset, grid, list(range(args.first_seed, args.first_seed + args.seeds)), output,
                               sets=args.overrides, seed_key=args.seed_key, jobs=args.jobs, command=command)
     except (ValueError, ConfigError) as exc:

@@ -85,6 +85,8 @@ def test_ablate_resumes_killed_runs_and_is_idempotent(tmp_path, monkeypatch, cap
         assert json.loads((run_dir / "config.json").read_text())["method"]["reg_mode"] == c["cell"]["method.reg_mode"]
     table = (tmp_path / "ablation.md").read_text()
     assert "| `loss` | 1/1 |" in table and "| `decoupled` | 1/1 |" in table
+    assert f"Command: `igsp ablate tiny --seeds 1 --grid method.reg_mode=loss,decoupled --set train.iterations=4 " \
+           f"--set data.num_tasks=2 --jobs 2 --output {tmp_path}`" in table
     mtimes = {p: p.stat().st_mtime for p in tmp_path.rglob("results.json")}
     capsys.readouterr()
     assert main(args) == 0
