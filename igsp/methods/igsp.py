@@ -87,12 +87,12 @@ class IGSPMethod(Method):
     def _new_detector(self, t: int) -> RouterConvergence:
         cfg = self.trainer.config
         m = cfg.method
-        # The text tower encodes the same prompts every step: without router noise its usage has no sampling
-        # noise, only the jumps of prompts changing experts (RouterConvergence, "Fixed inputs").
+        # The text tower encodes the same prompts every step: without router noise its usage has no sampling noise,
+        # and its routers oscillate under Adam instead of settling, so by default it is only monitored, unless
+        # nothing else routes (RouterConvergence, "Fixed inputs"; docs/method.md section 3).
         names = [n for n, _ in self.routing_layers()]
         text = [n for n in names if not n.startswith("visual.")]
         noisy = cfg.adapters.noise_std > 0 or getattr(cfg.adapters, "noise", "fixed") == "learned"
-        # The text tower only monitored (RouterConvergence, "Fixed inputs"), unless nothing else routes.
         monitor = text if m.converge_on == "vision" and len(text) < len(names) else []
         return RouterConvergence(m.check_every, m.eps, m.patience, m.min_steps, m.max_fraction, cfg.train.iterations,
                                  noise_floor=m.noise_floor, alpha=m.alpha, fixed_inputs=[] if noisy else text,
