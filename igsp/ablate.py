@@ -4,10 +4,11 @@ Every cell of the grid (the cartesian product of the `--grid` values, in the ord
 `--first-seed .. --first-seed + N - 1` (the seed goes to `--seed-key`, `train.seed` by default: the random
 backbone init, the candidates' init, the data order and the router noise; `data.seed` keeps the data split
 fixed). Each run is its own `igsp train` process writing `OUTPUT/runs/<cell>/seed<S>/`, at most `--jobs` at a
-time (default: the cores divided by the preset's `train.cpu_threads`), with its output in `seed<S>.log` beside
-it. Runs are resumable and the command is idempotent: a run whose results.json is complete is read, not rerun;
-one with a checkpoint is continued with `igsp train --resume`; one without is started again. So after an
-interruption, a failure, or with more seeds or grid values, the same command finishes what is missing.
+time (default: the cores divided by the preset's `train.cpu_threads`; with `--devices 0,1,...` one run per GPU,
+each seeing only its own through CUDA_VISIBLE_DEVICES), with its output in `seed<S>.log` beside it. Runs are
+resumable and the command is idempotent: a run whose results.json is complete is read, not rerun; one with a
+checkpoint is continued with `igsp train --resume`; one without is started again. So after an interruption, a
+failure, or with more seeds or grid values, the same command finishes what is missing.
 
 The aggregate covers the cells and seeds of this invocation, whatever ran when, and is rewritten atomically
 (igsp.checkpoint) every time: `OUTPUT/ablation.md` (a markdown table: per cell mean +- sample sd over seeds of
@@ -24,6 +25,7 @@ import json
 import logging
 import math
 import os
+import queue
 import re
 import shlex
 import shutil
@@ -111,8 +113,11 @@ def _complete(run_dir: Path) -> dict[str, Any] | None:
     return res if res.get("complete") else None
 
 
-def _execute(run: AblationRun, preset: str, python: str) -> tuple[str, int]:
-    """Train (or resume, or skip) one run in a child process; returns (what was done, exit code)."""
+def _execute(run: AblationRun, preset: str, python: str, devices: queue.Queue | None = None) -> tuple[str, int]:
+    """Train (or resume, or skip) one run in a child process; returns (what was done, exit code).
+
+    With `devices`, the child sees one GPU (CUDA_VISIBLE_DEVICES), taken from the queue for the run's duration.
+    """
     if _complete(run.run_dir) is not None:
         return "done before", 0
     if (run.run_dir / "checkpoints" / "latest.pt").is_file():
@@ -124,11 +129,18 @@ def _execute(run: AblationRun, preset: str, python: str) -> tuple[str, int]:
         argv = ["train", preset, "--output", str(run.run_dir), *[a for o in run.overrides for a in ("--set", o)]]
     run.log_path.parent.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1")}
-    with open(run.log_path, "a", encoding="utf-8") as log:
-        log.write(f"$ igsp {' '.join(argv)}\n")
-        log.flush()
-        rc = subprocess.run([python, "-m", "igsp", "-q", *argv], stdout=log, stderr=subprocess.STDOUT,
-                            env=env).returncode
+    device = devices.get() if devices is not None else None
+    try:
+        if device is not None:
+            env["CUDA_VISIBLE_DEVICES"] = device
+        with open(run.log_path, "a", encoding="utf-8") as log:
+            log.write(f"$ igsp {' '.join(argv)}" + (f"  (CUDA_VISIBLE_DEVICES={device})" if device else "") + "\n")
+            log.flush()
+            rc = subprocess.run([python, "-m", "igsp", "-q", *argv], stdout=log, stderr=subprocess.STDOUT,
+                                env=env).returncode
+    finally:
+        if device is not None:
+            devices.put(device)
     return action, rc
 
 
@@ -239,20 +251,29 @@ def default_jobs(preset: str, sets: Sequence[str]) -> int:
 
 def run_ablation(preset: str, grid: Sequence[tuple[str, list[str]]], seeds: Sequence[int], output: Path, *,
                  sets: Sequence[str] = (), seed_key: str = "train.seed", jobs: int | None = None,
-                 python: str = sys.executable, command: str = "") -> dict[str, Any]:
-    """Run (or finish) the ablation and write ablation.md / ablation.json; returns the JSON content."""
+                 devices: Sequence[str] = (), python: str = sys.executable, command: str = "") -> dict[str, Any]:
+    """Run (or finish) the ablation and write ablation.md / ablation.json; returns the JSON content.
+
+    `devices`: GPU ids; each run gets one of them to itself (CUDA_VISIBLE_DEVICES) and `jobs` defaults to their
+    number.
+    """
     from igsp.config import load_config
 
     runs = plan_runs(output, grid, seeds, sets, seed_key)
     for run in runs[:: len(seeds)]:  # one check per cell: a bad key or value fails now, not in a child process
         load_config(preset, run.overrides)
-    jobs = jobs or default_jobs(preset, sets)
+    jobs = jobs or (len(devices) if devices else default_jobs(preset, sets))
+    pool_devices: queue.Queue | None = None
+    if devices:
+        pool_devices = queue.Queue()
+        for d in devices:
+            pool_devices.put(str(d))
     output.mkdir(parents=True, exist_ok=True)
     failed: dict[str, str] = {}
     logger.info("ablation of %s: %d runs (%d cells x %d seeds), %d at a time, under %s", preset, len(runs),
                 len(runs) // len(seeds), len(seeds), jobs, output)
     with ThreadPoolExecutor(max_workers=jobs) as pool:
-        for run, (action, rc) in zip(runs, pool.map(lambda r: _execute(r, preset, python), runs)):
+        for run, (action, rc) in zip(runs, pool.map(lambda r: _execute(r, preset, python, pool_devices), runs)):
             if rc != 0:
                 failed[str(run.run_dir)] = f"exit code {rc} (see {run.log_path})"
                 logger.error("%s seed %d: %s failed with exit code %d (log %s)", run.cell_name, run.seed, action,
@@ -277,7 +298,9 @@ def _configure(p: argparse.ArgumentParser) -> None:
                    help="a grid axis (repeatable): e.g. --grid method.basis=weights,activations")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="A.B=VALUE",
                    help="an override for every run (repeatable)")
-    p.add_argument("--jobs", type=int, help="runs at a time (default: cores / train.cpu_threads)")
+    p.add_argument("--jobs", type=int, help="runs at a time (default: the --devices, else cores / train.cpu_threads)")
+    p.add_argument("--devices", default="", metavar="IDS",
+                   help="GPU ids, e.g. 0,1,2,3: each run gets one to itself (CUDA_VISIBLE_DEVICES)")
     p.add_argument("--output", help="ablation directory (default runs/ablate-<preset>)")
 
 
@@ -292,6 +315,8 @@ def _command_line(args: argparse.Namespace) -> str:
     parts += [f"--set {shlex.quote(o)}" for o in args.overrides]
     if args.jobs:
         parts.append(f"--jobs {args.jobs}")
+    if args.devices:
+        parts.append(f"--devices {shlex.quote(args.devices)}")
     if args.output:
         parts.append(f"--output {shlex.quote(args.output)}")
     return " ".join(parts)
@@ -308,7 +333,8 @@ def _run(args: argparse.Namespace) -> int:
         output = Path(args.output or f"runs/ablate-{Path(args.preset).stem}")
         command = _command_line(args)
         report = run_ablation(args.preset, grid, list(range(args.first_seed, args.first_seed + args.seeds)), output,
-                              sets=args.overrides, seed_key=args.seed_key, jobs=args.jobs, command=command)
+                              sets=args.overrides, seed_key=args.seed_key, jobs=args.jobs,
+                              devices=[d.strip() for d in args.devices.split(",") if d.strip()], command=command)
     except (ValueError, ConfigError) as exc:
         sys.stderr.write(f"igsp ablate: error: {exc}\n")
         return 2

@@ -98,3 +98,32 @@ def test_ablate_rejects_a_bad_grid_before_running(tmp_path, capsys):
     assert main(["ablate", "tiny", "--grid", "method.reg_mode=loss,sideways", "--output", str(tmp_path)]) == 2
     assert "method.reg_mode" in capsys.readouterr().err
     assert not (tmp_path / "runs").exists()
+
+
+def test_each_run_gets_one_device_to_itself(tmp_path, monkeypatch):
+    # --devices 3,5: two runs at a time, each child process sees exactly one GPU id (CUDA_VISIBLE_DEVICES) that
+    # no other running child has. The children are stubs that record their environment (no training), so the
+    # runs end "missing" (no results.json).
+    import subprocess
+    import threading
+    import time
+
+    from igsp import ablate
+
+    seen, active, lock = [], set(), threading.Lock()
+
+    def fake_run(argv, stdout, stderr, env):
+        device = env["CUDA_VISIBLE_DEVICES"]
+        with lock:
+            assert device not in active, f"device {device} given to two runs at once"
+            active.add(device)
+            seen.append(device)
+        time.sleep(0.05)
+        with lock:
+            active.discard(device)
+        return subprocess.CompletedProcess(argv, 0)
+
+    monkeypatch.setattr(ablate.subprocess, "run", fake_run)
+    report = ablate.run_ablation("tiny", parse_grid(["method.lam=0,1"]), [0, 1], tmp_path, devices=["3", "5"])
+    assert len(seen) == 4 and set(seen) == {"3", "5"}
+    assert all(r["status"] == "missing" for c in report["cells"] for r in c["runs"])
