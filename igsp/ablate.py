@@ -152,8 +152,17 @@ def _mean_sd(values: Sequence[float]) -> tuple[float | None, float | None]:
     return mean, sd
 
 
-def _run_numbers(res: dict[str, Any]) -> dict[str, Any]:
-    """The numbers of one finished run that the table aggregates."""
+def _cap_step(run_dir: Path) -> int | None:
+    """The phase-1 cap of a run, ceil(method.max_fraction * train.iterations), from its config.json."""
+    try:
+        cfg = json.loads((run_dir / "config.json").read_text(encoding="utf-8"))
+        return math.ceil(float(cfg["method"]["max_fraction"]) * int(cfg["train"]["iterations"]))
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _run_numbers(res: dict[str, Any], cap: int | None = None) -> dict[str, Any]:
+    """The numbers of one finished run that the table aggregates (`cap`: its phase-1 cap step, if known)."""
     m = res.get("metrics") or {}
     p = res.get("params") or {}
     conv = res.get("convergence") or []
@@ -167,7 +176,10 @@ def _run_numbers(res: dict[str, Any]) -> dict[str, Any]:
     return {**{k: m.get(k) for k in METRICS}, "A_outside": sub_mean("A_outside"), "B_outside": sub_mean("B_outside"),
             "trainable_avg": p.get("trainable_avg"), "total_added": p.get("total_added"),
             "phase1_steps": sum(steps) / len(steps) if steps else None,
-            "phase1s": len(conv), "forced": sum(bool(c.get("forced")) for c in conv)}
+            "phase1s": len(conv), "forced": sum(bool(c.get("forced")) for c in conv),
+            # Ended by the criterion strictly before the cap (not at the cap's own, partial-window check).
+            "early": (sum(1 for c in conv if not c.get("forced") and isinstance(c.get("converged_at"), int)
+                          and c["converged_at"] < cap) if cap is not None else None)}
 
 
 def aggregate(runs: Sequence[AblationRun], failed: dict[str, str]) -> list[dict[str, Any]]:
@@ -181,7 +193,7 @@ def aggregate(runs: Sequence[AblationRun], failed: dict[str, str]) -> list[dict[
             item["status"] = "failed" if str(run.run_dir) in failed else "missing"
             item["error"] = failed.get(str(run.run_dir))
         else:
-            item.update(status="done", **_run_numbers(res))
+            item.update(status="done", **_run_numbers(res, _cap_step(run.run_dir)))
         entry["runs"].append(item)
     out = []
     for entry in cells.values():
@@ -192,6 +204,8 @@ def aggregate(runs: Sequence[AblationRun], failed: dict[str, str]) -> list[dict[
             summary[key] = {"mean": mean, "sd": sd}
         summary["phase1s"] = sum(r["phase1s"] for r in done)
         summary["forced"] = sum(r["forced"] for r in done)
+        early = [r.get("early") for r in done]
+        summary["early"] = sum(early) if early and None not in early else None
         entry["summary"] = summary
         out.append(entry)
     return out
@@ -218,18 +232,20 @@ def markdown(preset: str, cells: Sequence[dict[str, Any]], seeds: Sequence[int],
     """The ablation table (one row per cell) with how it was made."""
     keys = list(cells[0]["cell"]) if cells else []
     head = [*keys, "runs", "Transfer", "Avg", "Last", "trainable / task", "total added", "phase-1 steps",
-            "forced / phase-1s", "A / B outside"]
+            "before cap / forced / phase-1s", "A / B outside"]
     lines = [f"# Ablation: `{preset}`", "",
              f"Seeds {', '.join(map(str, seeds))}; mean ± sample sd over the finished runs of each cell "
              "(accuracies in %, parameters as element counts, phase-1 steps per task averaged over tasks; "
-             "forced: phase-1s ended by the cap, not the convergence criterion; A / B outside: the mean fraction "
+             "before cap / forced: phase-1s ended by the convergence criterion before the cap's step / by the cap; "
+             "A / B outside: the mean fraction "
              "of a candidate's A and B outside the historical subspace when phase 1 ends, over tasks with "
              "history; a random matrix shows sqrt(1 - m/d) for an m-dimensional subspace of R^d).",
              "", f"Command: `{command}`", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for c in cells:
         s = c["summary"]
-        forced = f"{s['forced']}/{s['phase1s']}" if s["phase1s"] else "n/a"
+        early = "?" if s["early"] is None else str(s["early"])
+        forced = f"{early} / {s['forced']} / {s['phase1s']}" if s["phase1s"] else "n/a"
         row = [*(f"`{c['cell'][k]}`" for k in keys), f"{s['runs']}/{s['planned']}",
                _pm(s["transfer"]), _pm(s["avg"]), _pm(s["last"]), _count(s["trainable_avg"]),
                _count(s["total_added"]), _pm(s["phase1_steps"], 0), forced, _outside(s)]

@@ -37,6 +37,8 @@ def _fake_results(run_dir: Path, transfer: float, avg: float, last: float, force
            "convergence": [{"task": i, "converged_at": 100 if f else 60, "forced": f} for i, f in enumerate(forced)],
            "subspace": [{"task": 1, "A_outside": transfer / 100, "B_outside": 0.25}]}
     (run_dir / "results.json").write_text(json.dumps(res))
+    # cap = ceil(0.5 * 200) = 100: a phase 1 converged at 60 ended before it, a forced one at it
+    (run_dir / "config.json").write_text(json.dumps({"method": {"max_fraction": 0.5}, "train": {"iterations": 200}}))
 
 
 def test_aggregate_mean_and_sample_sd(tmp_path):
@@ -52,11 +54,12 @@ def test_aggregate_mean_and_sample_sd(tmp_path):
     assert s["transfer"]["mean"] == pytest.approx(12.0) and s["transfer"]["sd"] == pytest.approx(2.0)
     assert s["last"]["sd"] == pytest.approx(3.0)
     assert s["phase1_steps"]["mean"] == pytest.approx(80.0)
-    assert (s["forced"], s["phase1s"]) == (3, 6)
+    assert (s["early"], s["forced"], s["phase1s"]) == (3, 3, 6)
     assert lam1["summary"]["runs"] == 1 and lam1["summary"]["transfer"]["sd"] is None
     assert [r["status"] for r in lam1["runs"]] == ["done", "failed", "missing"]
     text = markdown("tiny", cells, [0, 1, 2], "igsp ablate tiny")
-    assert "| `0` | 3/3 | 12.0 ± 2.0 | 22.0 ± 2.0 | 33.0 ± 3.0 | 1,000 | 5,000 | 80 ± 0 | 3/6 | 0.12 / 0.25 |" in text
+    row = "| `0` | 3/3 | 12.0 ± 2.0 | 22.0 ± 2.0 | 33.0 ± 3.0 | 1,000 | 5,000 | 80 ± 0 | 3 / 3 / 6 | 0.12 / 0.25 |"
+    assert row in text
     assert "| `1` | 1/3 | 50.0 |" in text
     assert "method.lam=1 seed 1 (failed)" in text and "seed 2 (missing)" in text
 
