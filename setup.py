@@ -105,7 +105,7 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["igsp_kernels", "igsp_kernels.*", "igsp", "igsp.*"]),
-    package_data={"igsp": ["configs/*.json", "model_configs/*.json"]},
+    package_data={"igsp": ["configs/*.json", "model_configs/*.json", "pretrained/*.json", "pretrained/*.pt"]},
     install_requires=[
         "torch>=2.4",
         "triton>=3.0; platform_system == 'Linux'",
@@ -115,7 +115,8 @@ setup(
     ],
     extras_require={
         "dev": ["pytest>=8", "pytest-benchmark>=4", "pytest-xdist>=3", "ruff>=0.5"],
-        "train": ["scikit-learn>=1.3", "matplotlib>=3.7", "tqdm>=4.60"],
+        # pillow >= 10.1: ImageFont.load_default(size=...) (the corpus' scalable font, igsp.data.procedural)
+        "train": ["scikit-learn>=1.3", "matplotlib>=3.7", "tqdm>=4.60", "pillow>=10.1"],
         "bench": ["pytest-benchmark>=4", "matplotlib>=3.7"],
     },
     entry_points={"console_scripts": ["igsp=igsp.cli:main"]},

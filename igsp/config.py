@@ -52,7 +52,7 @@ logger = logging.getLogger(__name__)
 
 PRESET_DIR = Path(__file__).parent / "configs"
 
-DATA_KINDS = ("mtil", "digits", "synthetic")
+DATA_KINDS = ("mtil", "digits", "offline-mtil", "synthetic")
 PRECISIONS = ("auto", "fp32", "bf16")
 KERNELS = ("auto", "reference", "triton", "cpp")
 DEVICES = ("auto", "cpu", "cuda")

@@ -11,43 +11,47 @@ from typing import Any, Literal
 from igsp.data.base import CLIP_MEAN, CLIP_STD, TaskDataset
 from igsp.data.digits import DIGITS_TASKS, digits_benchmark
 from igsp.data.mtil import MTIL_DATASETS, build_dataset, mtil_order
+from igsp.data.offline_mtil import OFFLINE_MTIL_TASKS, offline_mtil_benchmark
 from igsp.data.synthetic import synthetic_benchmark
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["TaskStreamConfig", "build_task_stream", "stream_task_names"]
 
-StreamKind = Literal["mtil", "digits", "synthetic"]
+StreamKind = Literal["mtil", "digits", "offline-mtil", "synthetic"]
+# Offline streams built from tensors: kind -> (its tasks, the benchmark function).
+_OFFLINE_STREAMS = {"digits": (DIGITS_TASKS, digits_benchmark),
+                    "offline-mtil": (OFFLINE_MTIL_TASKS, offline_mtil_benchmark)}
 
 
 @dataclass
 class TaskStreamConfig:
     """Which task stream to build. Validated on construction; JSON-serialisable via `dataclasses.asdict`."""
 
-    kind: StreamKind = field(default="digits", metadata={"help": "mtil | digits | synthetic"})
+    kind: StreamKind = field(default="digits", metadata={"help": "mtil | digits | offline-mtil | synthetic"})
     root: str | None = field(default=None, metadata={"help": "MTIL data root (kind=mtil only)"})
     order: str = field(default="I", metadata={"help": "MTIL order: I or II (ignored when tasks is given)"})
     tasks: list[str] | None = field(
-        default=None, metadata={"help": "explicit task names in stream order (mtil / digits); None = the default"}
+        default=None, metadata={"help": "explicit task names in stream order (not synthetic); None = the default"}
     )
     few_shot: int | None = field(default=None, metadata={"help": "shots per class of each train split; None = full"})
-    image_size: int = field(default=32, metadata={"help": "digits / synthetic image side (mtil: the transform's)"})
-    seed: int = field(default=0, metadata={"help": "few-shot draw; digits split and noise; synthetic samples"})
-    mean: tuple[float, float, float] = field(default=CLIP_MEAN, metadata={"help": "digits / synthetic normalisation"})
-    std: tuple[float, float, float] = field(default=CLIP_STD, metadata={"help": "digits / synthetic normalisation"})
+    image_size: int = field(default=32, metadata={"help": "offline streams' image side (mtil: the transform's)"})
+    seed: int = field(default=0, metadata={"help": "few-shot draw; digits split and noise; procedural draws"})
+    mean: tuple[float, float, float] = field(default=CLIP_MEAN, metadata={"help": "offline streams' normalisation"})
+    std: tuple[float, float, float] = field(default=CLIP_STD, metadata={"help": "offline streams' normalisation"})
     download: bool = field(default=False, metadata={"help": "MTIL: let torchvision download missing datasets"})
     num_tasks: int = field(default=3, metadata={"help": "synthetic only"})
     num_classes: int = field(default=4, metadata={"help": "synthetic only"})
     samples_per_class: int = field(default=16, metadata={"help": "synthetic only (per split)"})
 
     def __post_init__(self) -> None:
-        if self.kind not in ("mtil", "digits", "synthetic"):
-            raise ValueError(f"kind must be 'mtil', 'digits' or 'synthetic', got {self.kind!r}")
+        if self.kind not in ("mtil", "digits", "offline-mtil", "synthetic"):
+            raise ValueError(f"kind must be 'mtil', 'digits', 'offline-mtil' or 'synthetic', got {self.kind!r}")
         if self.kind == "mtil" and not self.root:
             raise ValueError("root (the MTIL data root, --data-root) is required for kind='mtil', got None")
         if self.tasks is not None:
             self.tasks = list(self.tasks)
-            known = MTIL_DATASETS if self.kind == "mtil" else DIGITS_TASKS if self.kind == "digits" else None
+            known = MTIL_DATASETS if self.kind == "mtil" else _OFFLINE_STREAMS.get(self.kind, (None,))[0]
             if known is None:
                 raise ValueError("tasks cannot be set for kind='synthetic' (use num_tasks), got "
                                  f"{self.tasks!r}")
@@ -76,8 +80,8 @@ def stream_task_names(kind: str, *, order: str = "I", tasks: list[str] | None = 
         return list(tasks)
     if kind == "mtil":
         return list(mtil_order(order))
-    if kind == "digits":
-        return list(DIGITS_TASKS)
+    if kind in _OFFLINE_STREAMS:
+        return list(_OFFLINE_STREAMS[kind][0])
     return [f"synthetic_{t}" for t in range(num_tasks)]
 
 
@@ -99,7 +103,7 @@ def build_task_stream(
     Args:
         config: the stream config (default `TaskStreamConfig()`: the digits stream at 32x32).
         transform: kind="mtil" only, and required there: the open_clip preprocess (PIL -> float32 (3, H, W))
-            for the test splits, and for the train splits unless `train_transform` is given. Digits and synthetic
+            for the test splits, and for the train splits unless `train_transform` is given. Offline
             tasks are tensors already (resized to `image_size`, normalised with `mean`/`std`); a transform given
             for them is not used (logged).
         train_transform: kind="mtil" only: the transform of the train splits (e.g. open_clip's train preprocess).
@@ -132,10 +136,11 @@ def build_task_stream(
 
     if transform is not None or train_transform is not None:
         logger.info("kind=%r builds normalised tensors itself; the given transform is not used", cfg.kind)
-    if cfg.kind == "digits":
+    if cfg.kind in _OFFLINE_STREAMS:
+        benchmark = _OFFLINE_STREAMS[cfg.kind][1]
         common = dict(image_size=cfg.image_size, seed=cfg.seed, tasks=names, mean=cfg.mean, std=cfg.std)
-        trains = digits_benchmark(split="train", few_shot=cfg.few_shot, **common)  # type: ignore[arg-type]
-        tests = digits_benchmark(split="test", **common)  # type: ignore[arg-type]
+        trains = benchmark(split="train", few_shot=cfg.few_shot, **common)  # type: ignore[operator]
+        tests = benchmark(split="test", **common)  # type: ignore[operator]
         return list(zip(trains, tests))
 
     common = dict(num_tasks=cfg.num_tasks, num_classes=cfg.num_classes, image_size=cfg.image_size,

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from igsp.methods.base import Method, PlanLayer, TrainerView
 from igsp.methods.igsp import IGSPMethod
+from igsp.methods.lora import LoRAMethod
 from igsp.methods.moe_adapters import MoEAdaptersMethod
 from igsp.methods.zeroshot import ZeroShotMethod
 
@@ -36,5 +37,5 @@ def get_method(name: str) -> type[Method]:
     return METHODS[name]
 
 
-for _cls in (IGSPMethod, MoEAdaptersMethod, ZeroShotMethod):
+for _cls in (IGSPMethod, MoEAdaptersMethod, ZeroShotMethod, LoRAMethod):
     register_method(_cls)
