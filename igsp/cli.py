@@ -52,7 +52,7 @@ DEMO_STREAMS: dict[str, tuple[str, ...]] = {
     "digits": ("digits-igsp", "digits-moe-adapters", "digits-zeroshot"),
 }
 DEMO_PRESETS = DEMO_STREAMS["offline-mtil"]
-OPTIONAL_COMMAND_MODULES = ("igsp.report", "igsp.plan", "igsp.pretrain.command")
+OPTIONAL_COMMAND_MODULES = ("igsp.report", "igsp.plan", "igsp.pretrain.command", "igsp.ablate")
 EXIT_INPUT = 2  # bad input (argparse uses 2 for usage errors too)
 EXIT_BUG = 1
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report it

@@ -125,12 +125,30 @@ class MethodConfig:
     name: str = field(default="igsp", metadata={"help": f"one of {method_names()} (igsp/methods/)"})
     # iGSP phase 1 (METHOD.md section 3).
     candidates: int = field(default=4, metadata={"help": "igsp: candidate experts C added per layer per task"})
-    lam: float = field(default=0.1, metadata={"help": "igsp: weight of the subspace regularizer (phase 1)"})
+    lam: float = field(default=4.0, metadata={
+        "help": "igsp: strength of the phase-1 subspace regularizer (decoupled: decay rate per unit of lr)"})
+    reg_mode: str = field(default="decoupled", metadata={
+        "help": "igsp: 'decoupled' (after each step the candidates' out-of-subspace part shrinks by lr * lam, as "
+                "AdamW's weight decay) or 'loss' (lam * R added to the loss, through Adam; see docs/method.md)"})
+    basis: str = field(default="weights", metadata={
+        "help": "igsp: historical subspace from the frozen experts' 'weights' or from the layers' 'activations' "
+                "(inputs and output gradients on past tasks, as GPM)"})
+    basis_samples: int = field(default=256, metadata={
+        "help": "igsp, basis='activations': training images per task whose representations are collected"})
     check_every: int = field(default=20, metadata={"help": "router convergence: steps per usage window"})
-    eps: float = field(default=0.05, metadata={"help": "router convergence: total-variation threshold"})
-    patience: int = field(default=3, metadata={"help": "router convergence: checks below eps in a row"})
+    eps: float = field(default=0.1, metadata={
+        "help": "router convergence: smallest total-variation change that counts (the noise floor may be higher)"})
+    patience: int = field(default=3, metadata={"help": "router convergence: stable checks in a row"})
     min_steps: int = field(default=50, metadata={"help": "router convergence: earliest step phase 1 may end"})
     max_fraction: float = field(default=0.5, metadata={"help": "phase 1 ends at the latest at this task fraction"})
+    noise_floor: str = field(default="permutation", metadata={
+        "help": "router convergence: compare each check with its sampling noise ('permutation') or with eps "
+                "alone ('none')"})
+    converge_on: str = field(default="vision", metadata={
+        "help": "router convergence: layers that decide it, 'vision' (the text tower only monitored, when the vision "
+                "tower is adapted) or 'all'"})
+    alpha: float = field(default=0.05, metadata={
+        "help": "router convergence: false-alarm rate of one check of a fixed router (noise_floor='permutation')"})
     tau: float = field(default=0.05, metadata={"help": "pruning: candidates with usage share < tau are removed"})
     rank_energy: float | None = field(default=None, metadata={
         "help": "pruning: also drop survivors' rank components outside this energy share (null = off)"})
@@ -158,11 +176,17 @@ class MethodConfig:
         _choice(f"{path}.name", self.name, method_names())
         _int_range(f"{path}.candidates", self.candidates, 1)
         _float_range(f"{path}.lam", self.lam, 0.0)
+        _choice(f"{path}.reg_mode", self.reg_mode, ("loss", "decoupled"))
+        _choice(f"{path}.basis", self.basis, ("weights", "activations"))
+        _int_range(f"{path}.basis_samples", self.basis_samples, 1)
         _int_range(f"{path}.check_every", self.check_every, 1)
         _float_range(f"{path}.eps", self.eps, 0.0, 1.0, low_open=True)
         _int_range(f"{path}.patience", self.patience, 1)
         _int_range(f"{path}.min_steps", self.min_steps, 0)
         _float_range(f"{path}.max_fraction", self.max_fraction, 0.0, 1.0, low_open=True)
+        _choice(f"{path}.noise_floor", self.noise_floor, ("permutation", "none"))
+        _float_range(f"{path}.alpha", self.alpha, 0.0, 0.5, low_open=True)
+        _choice(f"{path}.converge_on", self.converge_on, ("vision", "all"))
         _float_range(f"{path}.tau", self.tau, 0.0, 1.0)
         if self.rank_energy is not None:
             _float_range(f"{path}.rank_energy", self.rank_energy, 0.0, 1.0, low_open=True)

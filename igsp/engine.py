@@ -103,6 +103,9 @@ __all__ = ["KILL_ENV", "KILL_EXIT_CODE", "DistContext", "StepBatchSampler", "Tra
 logger = logging.getLogger(__name__)
 
 KILL_ENV = "IGSP_TEST_KILL_AT_STEP"
+# The records every run has (results.json maps them to fixed fields); a method may add more (results.json keeps
+# them under their own names).
+_ENGINE_RECORDS = ("convergence", "prune", "params", "usage", "eval", "orthogonality")
 # Prompts per encode_text call at evaluation: CIFAR100 x 18 templates is 1,800 prompts; chunks of 1,024 keep
 # the text tower's activations (77 tokens x width 512) around 0.3 GB in bf16.
 _TEXT_CHUNK = 1024
@@ -591,16 +594,8 @@ class Trainer:
         opt.zero_grad(set_to_none=True)
         usage_base = (torch.cat([b.reshape(-1).float() for b in self._usage_buffers()])
                       if self.dist.enabled and self.layers else None)
-        images = images.to(self.device, non_blocking=True)
-        labels = labels.to(self.device, non_blocking=True)
-        with self._autocast():
-            text = self._encode_text(tokens, n_tpl)  # (C, D), through the text adapters
-            img = F.normalize(self.model.encode_image(images).float(), dim=-1)
-        # Outside autocast: bf16 logits (scale up to 100) would carry ~0.4 of rounding error.
-        logits = self._logit_scale() * img @ text.T
         # Sum over this rank's rows / global batch: the all_reduce sum is the global batch mean (module docs).
-        ce = F.cross_entropy(logits.float(), labels, label_smoothing=cfg.label_smoothing,
-                             reduction="sum") / cfg.batch_size
+        ce = self._task_loss(images, labels, tokens, n_tpl, cfg.batch_size)
         reg = self.method.loss_terms(t, phase)
         loss = ce + reg / self.dist.world if reg is not None else ce
         loss.backward()
@@ -667,7 +662,8 @@ class Trainer:
         if entry["phase1_steps"] is None:  # phase 1 ran to the end of the task
             entry.update(phase1_steps=cfg.train.iterations)
         for _, layer in self.layers:
-            layer.routers[str(t)].requires_grad_(False)  # gate weights and, with learned noise, noise weights
+            if str(t) in layer.routers:  # a RouteFollower (block routing) has none
+                layer.routers[str(t)].requires_grad_(False)  # gate weights and, with learned noise, noise weights
         self.records["usage"].append({"task": t, "usage": usage})
         feats = self._frozen_features(self.stream[t][0], t)
         assert self.selector is not None
@@ -704,16 +700,58 @@ class Trainer:
             os._exit(KILL_EXIT_CODE)
 
     # ------------------------------------------------------------------------------------- evaluation
+    def _task_loss(self, images: torch.Tensor, labels: torch.Tensor, tokens: torch.Tensor, n_tpl: int,
+                   normaliser: int) -> torch.Tensor:
+        """Label-smoothed CE of the batch against the class prompts `tokens`, summed over rows / `normaliser`."""
+        images = images.to(self.device, non_blocking=True)
+        labels = labels.to(self.device, non_blocking=True)
+        with self._autocast():
+            text = self._encode_text(tokens, n_tpl)  # (C, D), through the text adapters
+            img = F.normalize(self.model.encode_image(images).float(), dim=-1)
+        # Outside autocast: bf16 logits (scale up to 100) would carry ~0.4 of rounding error.
+        logits = self._logit_scale() * img @ text.T
+        return F.cross_entropy(logits.float(), labels, label_smoothing=self.config.train.label_smoothing,
+                               reduction="sum") / normaliser
+
+    # ------------------------------------------------------------------ services for methods (TrainerView)
+    def _sample_indices(self, n: int, cap: int | None, seed: int) -> list[int]:
+        """All of range(n), or a sorted seeded subsample of `cap` indices (the same on every rank)."""
+        if cap is None or n <= cap:
+            return list(range(n))
+        g = torch.Generator().manual_seed(seed)
+        return sorted(torch.randperm(n, generator=g)[:cap].tolist())
+
+    def task_batches(self, t: int, max_samples: int) -> Iterator[tuple[torch.Tensor, torch.Tensor, int]]:
+        """This rank's share of a seeded subsample (`max_samples`, the same on every run and rank) of task t's
+        training set, in eval batches: yields (images, labels) on the device and the subsample's global size.
+
+        Draws from its own generator: the global RNG stream (and so a resumed run) is unaffected.
+        """
+        ds = self.stream[t][0]
+        indices = self._sample_indices(len(ds), max_samples, self.config.train.seed * 7927 + t)
+        loader = self._loader(Subset(ds.dataset, indices[self.dist.rank::self.dist.world]),
+                              batch_size=self.config.train.eval_batch_size, shuffle=False)
+        for images, labels in loader:
+            yield images.to(self.device), labels.to(self.device), len(indices)
+
+    def task_loss(self, t: int, images: torch.Tensor, labels: torch.Tensor, normaliser: int) -> torch.Tensor:
+        """The training loss of task t on a batch (CE with label smoothing against the task's training prompts,
+        through whatever routing is set), summed over the rows / `normaliser`."""
+        ds = self.stream[t][0]
+        tokens, n_tpl = self._tokens(ds, self.config.train.train_templates)
+        return self._task_loss(images, labels, tokens, n_tpl, normaliser)
+
+    def all_reduce_(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Sum `tensor` over the DDP ranks in place (a no-op in one process); returns it."""
+        if self.dist.enabled:
+            dist.all_reduce(tensor)
+        return tensor
+
     @torch.no_grad()
     def _frozen_features(self, ds: TaskDataset, t: int) -> torch.Tensor:
         """(N, D) fp32 CPU frozen-CLIP image features (adapters off) of `ds` (or a seeded subsample)."""
         cfg = self.config
-        n = len(ds)
-        indices = list(range(n))
-        cap = cfg.method.selector_max_samples
-        if cap is not None and n > cap:
-            g = torch.Generator().manual_seed(cfg.train.seed * 7919 + t)
-            indices = sorted(torch.randperm(n, generator=g)[:cap].tolist())
+        indices = self._sample_indices(len(ds), cfg.method.selector_max_samples, cfg.train.seed * 7919 + t)
         mine = indices[self.dist.rank::self.dist.world]
         was_training = self.model.training
         self.model.eval()
@@ -833,6 +871,8 @@ class Trainer:
             "convergence": self.records["convergence"],
             "prune": self.records["prune"],
             "orthogonality": self.records["orthogonality"],
+            # Whatever else the method records (igsp: "subspace", "bases"), under its own name.
+            **{k: v for k, v in self.records.items() if k not in _ENGINE_RECORDS},
             "usage": self.records["usage"],
             "selector": self.records["eval"],
             "device": str(self.device),
@@ -944,6 +984,21 @@ def _progress_bar(total: int, initial: int, desc: str, enabled: bool) -> Any:
 
 
 # ---------------------------------------------------------------------------------- parameter planning
+def _router_numel_per_expert(layer: nn.Module) -> int:
+    """Router elements per active expert of a layer, read off a probe router (0 for a layer without routers).
+
+    Counts whatever a router holds (the gate, and the noise gate of learned noisy gating), so the plan follows
+    the module rather than a formula. The probe expert and router are removed again (the plan's model is a
+    throwaway anyway)."""
+    layer.add_experts(1, active_in=[])
+    router = layer.add_router("__plan__")
+    per_expert = sum(p.numel() for p in router.parameters()) if router is not None else 0
+    if router is not None:
+        del layer.routers["__plan__"]
+    layer.remove_experts([layer.num_experts - 1])
+    return per_expert
+
+
 def parameter_plan(config: Config, *, survival: float = 1.0, device: str = "cpu") -> dict[str, Any]:
     """Parameter counts of a config without data or training (`igsp params`).
 
@@ -977,18 +1032,17 @@ def parameter_plan(config: Config, *, survival: float = 1.0, device: str = "cpu"
     inject(model, dataclasses.replace(cfg.adapters, num_experts=0, backend="reference"))
     a = cfg.adapters
     plan = []
-    router_copies = 2 if a.noise == "learned" else 1  # gate weights, and noise weights with learned noise
     for _, layer in adapter_layers(model):
         bias = (a.rank + layer.out_features) if a.expert_bias else 0
-        plan.append(PlanLayer(router_copies * layer.in_features,
-                              a.rank * (layer.in_features + layer.out_features) + bias, a.num_experts))
+        plan.append(PlanLayer(_router_numel_per_expert(layer), a.rank * (layer.in_features + layer.out_features)
+                              + bias, a.num_experts))
     per_task: list[dict[str, Any]] = []
     for _ in range(T):
         counts = method_cls.plan_task(cfg, plan, survival)
         per_task.append({"phase1": counts["phase1"], "phase2": counts["phase2"], "phase1_steps": None,
                          "phase2_steps": None})
     experts = sum(lay.pool * lay.expert_size for lay in plan)
-    router_total = sum(sum(lay.routers) * lay.d_route for lay in plan)
+    router_total = sum(sum(lay.routers) * lay.router_size for lay in plan)
     selector = T * (cfg.method.selector_prototypes * embed + 1)
     added = {"experts": experts, "experts_effective": experts, "routers": router_total,
              "routers_physical": router_total, "selector": selector, "total": experts + router_total + selector}

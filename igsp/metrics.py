@@ -8,9 +8,10 @@ Accuracy matrix A (T x T): row i = after training task i, column j = dataset j (
 Per-task lists have one entry per dataset (column), so `transfer_per_task[0]` is None.
 
 Parameter accounting. Counts are of stored numbers (elements), from the model state:
-- trainable_adapter_params: what a task trains now: its router (active columns x d_route) + the trainable
-  experts (A, B and biases). Called at the start of phase 1 (router + candidates) and of phase 2
-  (router + survivors).
+- trainable_adapter_params: what a task trains now: its router (active columns x d_route, for every matrix the
+  router holds: the gate, and the noise gate of learned noisy gating) + the trainable experts (A, B and biases).
+  A layer without routers of its own (igsp.adapters.RouteFollower: c_proj under block routing) adds none.
+  Called at the start of phase 1 (router + candidates) and of phase 2 (router + survivors).
 - added_params: what deployment stores beyond the backbone: every expert in the pools, every router (active
   columns only: a column of an expert added after the router's task is never used and need not be stored),
   and the selector's prototypes and thresholds. The historical bases U are not counted: they are a training
@@ -87,15 +88,21 @@ def _effective_expert_numel(A: torch.Tensor, B: torch.Tensor) -> int:
     return int(live.sum()) * (A.shape[1] + B.shape[2])
 
 
-def _router_numel(router: nn.Module) -> int:
-    """Stored elements of a router's active columns: d_route per active expert for the gate weights, and as many
-    again for learned gating-noise weights (MoE-Adapters' w_noise) when the router has them."""
-    per_expert = router.weight.shape[1] * (2 if getattr(router, "noise_weight", None) is not None else 1)
-    return int(router.active.sum()) * per_expert
-
-
 def _bias_numel(*ts: torch.Tensor | None) -> int:
     return sum(t.numel() for t in ts if t is not None)
+
+
+def _router_numel(router: nn.Module, *, active_only: bool = True) -> int:
+    """Elements a router holds: per parameter (E, d...) the active experts' rows (all rows if not active_only).
+
+    Generic over what a router holds (the gate weight; also the noise gate of learned noisy gating).
+    """
+    rows = int(router.active.sum()) if active_only else None
+    total = 0
+    for p in router.parameters():
+        per_row = p[0].numel() if p.dim() and p.shape[0] else 0
+        total += (rows if rows is not None else p.shape[0]) * per_row if p.dim() else p.numel()
+    return total
 
 
 def trainable_adapter_params(model: nn.Module | Sequence, *, task: str | int | None = None) -> dict[str, int]:
@@ -112,7 +119,9 @@ def trainable_adapter_params(model: nn.Module | Sequence, *, task: str | int | N
     router = experts = effective = 0
     for _, layer in layers:
         key = str(task) if task is not None else layer.active_task
-        if key is not None:
+        if not layer.routers:  # routes with another layer's decision (block routing): no router of its own
+            routers = []
+        elif key is not None:
             if key not in layer.routers:
                 raise KeyError(f"task {key!r} has no router in this layer (routers: {layer.task_names})")
             routers = [layer.routers[key]]
@@ -129,7 +138,8 @@ def added_params(model: nn.Module | Sequence, selector: Any = None) -> dict[str,
     """What deployment stores beyond the backbone (element counts).
 
     Returns {"experts" (every pool expert: A, B, biases), "experts_effective" (without zeroed rank
-    components), "routers" (active columns x d_route, all routers), "routers_physical" (full weights),
+    components), "routers" (active columns x d_route of every matrix of every router), "routers_physical"
+    (full router parameters),
     "selector" (selector.num_parameters(), 0 without one), "total" = experts + routers + selector}.
     """
     layers = as_layers(model)
@@ -142,7 +152,7 @@ def added_params(model: nn.Module | Sequence, selector: Any = None) -> dict[str,
             effective += _effective_expert_numel(A, B) + bias
         for r in layer.routers.values():
             routers += _router_numel(r)
-            physical += sum(p.numel() for p in r.parameters())
+            physical += _router_numel(r, active_only=False)
     sel = 0
     if selector is not None:
         if not callable(getattr(selector, "num_parameters", None)):

@@ -18,8 +18,10 @@ Writes into the output directory (default: `RUN_DIR/report/` for one run, `./rep
   points (METHOD.md section 5, labelled as published figures); per run a per-task table (Transfer_j, Avg_j,
   Last_j, trainable parameters of phase 1 and phase 2) and its figures.
 - `acc_<run>.png`: the accuracy matrix, rows = after training task i, columns = evaluated dataset j.
-- `convergence_<run>.png`: router convergence (max-over-layers TV distance vs step, one panel per task, the eps
-  line and the converged_at marker). Skipped for runs without convergence data (zeroshot, moe-adapters).
+- `convergence_<run>.png`: router convergence (per check, the max-over-layers TV distance divided by the check's
+  noise-floor threshold with the line at 1, or for runs without a noise floor the distance and the eps line;
+  one panel per task, the converged_at marker says whether the criterion or the cap ended phase 1). Skipped for
+  runs without convergence data (zeroshot, moe-adapters).
 - `usage_<run>.png`: expert usage per task, a tasks x experts heatmap of each expert's usage share averaged over
   the adapted layers. Skipped for runs without usage data.
 - `report.json`: every number of the tables (round-trips through `json.load`).
@@ -346,7 +348,9 @@ def convergence_curves(run: RunData) -> list[dict[str, Any]]:
 
     Returns:
         [{"task": int, "task_name": str, "steps": [int], "distances": [float | None] (None: a check without a
-          previous window), "converged_at": int | None, "forced": bool, "eps": float | None}], sorted by task;
+          previous window), "ratios": [float | None] (distance / the check's noise-floor threshold, runs with
+          method.noise_floor='permutation'; None otherwise), "converged_at": int | None, "forced": bool,
+          "eps": float | None}], sorted by task;
         [] when the run has no convergence data (zeroshot, moe-adapters).
     """
     eps_default = _number(_section(run.config, "method").get("eps"))
@@ -365,6 +369,7 @@ def convergence_curves(run: RunData) -> list[dict[str, Any]]:
             forced = bool(entry.get("forced")) or any(bool(h.get("forced")) for h in history)
             curves[t] = {"task": t, "task_name": run.tasks[t], "steps": [int(h["step"]) for h in history],
                          "distances": [_number(h.get("distance")) for h in history],
+                         "ratios": [_number(h.get("ratio")) for h in history],
                          "converged_at": entry.get("converged_at"), "forced": forced,
                          "eps": _number(entry.get("eps")) or eps_default}
     else:
@@ -379,10 +384,11 @@ def convergence_curves(run: RunData) -> list[dict[str, Any]]:
                 continue
             t = _task_index(ev, run.tasks, None, f"{where}: record {n + 1}")
             c = curves.setdefault(t, {"task": t, "task_name": run.tasks[t], "steps": [], "distances": [],
-                                      "converged_at": None, "forced": False,
+                                      "ratios": [], "converged_at": None, "forced": False,
                                       "eps": _number(ev.get("eps")) or eps_default})
             c["steps"].append(ev["step"])
             c["distances"].append(_number(ev.get("distance")))
+            c["ratios"].append(_number(ev.get("ratio")))
             if isinstance(ev.get("converged_at"), int):
                 c["converged_at"] = ev["converged_at"]
             elif ev.get("converged") and c["converged_at"] is None:
@@ -521,7 +527,8 @@ def plot_accuracy(acc: np.ndarray, tasks: Sequence[str], path: Path, title: str)
 
 
 def plot_convergence(curves: Sequence[Mapping[str, Any]], path: Path, title: str) -> None:
-    """One panel per task: max-over-layers TV distance vs step, the eps line and the converged_at marker."""
+    """One panel per task: max-over-layers TV distance vs step, the eps line and the converged_at marker; for
+    runs with a noise floor, the largest ratio of a layer's distance to its threshold, with the line at 1."""
     n = len(curves)
     cols = min(4, n)
     rows = math.ceil(n / cols)
@@ -529,10 +536,16 @@ def plot_convergence(curves: Sequence[Mapping[str, Any]], path: Path, title: str
     axes = fig.subplots(rows, cols, squeeze=False, sharey=True)
     for k, c in enumerate(curves):
         ax = axes[k // cols][k % cols]
-        pts = [(s, d) for s, d in zip(c["steps"], c["distances"]) if d is not None]
+        ratios = c.get("ratios") or []
+        use_ratio = any(r is not None for r in ratios)
+        ys = ratios if use_ratio else c["distances"]
+        pts = [(s, d) for s, d in zip(c["steps"], ys) if d is not None]
         if pts:
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", markersize=3, lw=1.2, label="distance")
-        if c.get("eps") is not None:
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", markersize=3, lw=1.2,
+                    label="distance / threshold" if use_ratio else "distance")
+        if use_ratio:
+            ax.axhline(1.0, color="tab:red", ls="--", lw=1, label="noise floor (stable below)")
+        elif c.get("eps") is not None:
             ax.axhline(c["eps"], color="tab:red", ls="--", lw=1, label=f"eps = {c['eps']:g}")
         if c.get("converged_at") is not None:
             what = "cap" if c.get("forced") else "converged"
@@ -542,8 +555,9 @@ def plot_convergence(curves: Sequence[Mapping[str, Any]], path: Path, title: str
         ax.set_ylim(bottom=0.0)
         ax.legend(fontsize=7, loc="upper right")
         ax.grid(alpha=0.3)
+    any_ratio = any(r is not None for c in curves for r in (c.get("ratios") or []))
     for ax_row in axes:
-        ax_row[0].set_ylabel("max TV distance")
+        ax_row[0].set_ylabel("max TV / threshold" if any_ratio else "max TV distance")
     for k in range(n, rows * cols):
         axes[k // cols][k % cols].set_visible(False)
     fig.suptitle(title)

@@ -15,12 +15,20 @@ first token is the start-of-text token, and under the causal mask its hidden sta
 prompt, so per-sample routing there defaults to the token mean (`text_route_token`); MoE-Adapters routes on it
 anyway ("first"): every prompt then shares its experts at evaluation, and differs in training only through the
 gating noise.
+
+Router placement (`router_placement`). "layer": every adapted linear has its own routers on its own input.
+"block": the MLP's two linears share one router per block: `mlp.c_fc` routes on the MLP input (ln_2 of the
+block's residual stream) and `mlp.c_proj` applies that decision (`RouteFollower`, no routers of its own).
+c_proj's own input is 4x wider (3072 in ViT-B/16), so per block this removes 4/5 of the router elements;
+an expert of the block is then the pair (c_fc expert e, c_proj expert e), added, pruned and frozen together.
+`attn.out_proj` keeps its own router either way (it sits in the attention sub-block).
 """
 
 from __future__ import annotations
 
 import logging
 import math
+from collections import OrderedDict
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
@@ -32,19 +40,24 @@ from igsp_kernels.modules import AdaptedMultiheadAttention  # generic torch: liv
 from igsp_kernels.reference.moe_lora import ACTIVATIONS
 
 __all__ = [
+    "ROUTER_PLACEMENTS",
     "TARGETS",
     "TOWERS",
     "AdaptedMultiheadAttention",
     "AdapterConfig",
+    "BlockRoutedMLP",
     "ParallelAdapter",
+    "RouteFollower",
     "adapter_layers",
     "inject",
+    "route_followers",
 ]
 
 logger = logging.getLogger(__name__)
 
 TARGETS = ("mlp.c_fc", "mlp.c_proj", "attn.out_proj", "mlp_parallel")
 TOWERS = ("visual", "text")
+ROUTER_PLACEMENTS = ("layer", "block")
 
 
 @dataclass
@@ -72,6 +85,9 @@ class AdapterConfig:
     parallel_input: str = field(default="ln_2", metadata={
         "help": "mlp_parallel input: 'ln_2' (the MLP's input) or 'residual' (the block's stream, MoE-Adapters)"})
     router_init_std: float = 0.02
+    router_placement: str = field(default="layer", metadata={
+        "help": "'layer' (each adapted linear routes on its own input) or 'block' (c_fc and c_proj share one "
+                "router per block, on the MLP input)"})
     backend: str = field(default="auto", metadata={"help": "igsp_kernels backend: auto, reference, triton, cpp"})
 
     def __post_init__(self) -> None:
@@ -99,6 +115,12 @@ class AdapterConfig:
         for name in ("route_token", "text_route_token"):
             if getattr(self, name) not in ("first", "mean"):
                 raise bad(name, getattr(self, name), "'first' or 'mean'")
+        if self.router_placement not in ROUTER_PLACEMENTS:
+            raise bad("router_placement", self.router_placement, f"one of {list(ROUTER_PLACEMENTS)}")
+        if self.router_placement == "block" and not {"mlp.c_fc", "mlp.c_proj"} <= set(self.targets):
+            raise bad("router_placement", self.router_placement,
+                      "'layer' unless targets holds both 'mlp.c_fc' and 'mlp.c_proj' (the block router is c_fc's, "
+                      f"shared with c_proj; targets: {self.targets})")
         if self.backend not in ("auto", "reference", "triton", "cpp"):
             raise bad("backend", self.backend, "one of ['auto', 'reference', 'triton', 'cpp']")
         if self.noise not in ("fixed", "learned"):
@@ -167,6 +189,60 @@ class ParallelAdapter(nn.Module):
         return self.mlp(x if self.norm is None else self.norm(x)) + self.adapter(x)
 
 
+class RouteFollower(MoELoRALinear):
+    """A MoE-LoRA layer without routers of its own: it applies the routing decision its block's leader passes in.
+
+    `forward(x, routing=decision)` runs the routed experts; `forward(x)` without a decision is the frozen base
+    alone (the leader's adapters are off, or it routed nothing). `add_router` creates nothing, and
+    `set_task`/`set_sample_tasks` only record the task (there is no router to check it against). The pool must
+    mirror the leader's: expert e here is used whenever the leader picks its expert e. `route_leader` is the
+    leader's qualified name in the model.
+    """
+
+    route_leader: str = ""
+
+    def add_router(self, task: str | int, *, active: Any = None) -> None:  # type: ignore[override]
+        return None
+
+    def set_task(self, task: str | int | None) -> None:
+        self._sample_tasks = None
+        self.active_task = None if task is None else str(task)
+
+    def set_sample_tasks(self, task_ids: torch.Tensor | None) -> None:
+        self._sample_tasks = task_ids
+
+    def route(self, x: torch.Tensor) -> Any:
+        raise RuntimeError(f"this layer has no routers: it applies the decision of {self.route_leader!r} "
+                           "(forward(x, routing=leader.route(x_block)))")
+
+    def forward(self, x: torch.Tensor, routing: Any = None) -> torch.Tensor:
+        if routing is None:
+            base = self.base_layer
+            return base(x) if base is not None else x.new_zeros(*x.shape[:-1], self.out_features)
+        return super().forward(x, routing=routing)
+
+
+class BlockRoutedMLP(nn.Sequential):
+    """open_clip's MLP (c_fc, activation, c_proj) with one routing decision per block: c_fc's, applied to both.
+
+    The children keep their names (`c_fc`, `gelu`, `c_proj`), so parameter and checkpoint names are those of the
+    per-layer placement.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        fc, proj = self.c_fc, self.c_proj
+        acts = [m for name, m in self.named_children() if name not in ("c_fc", "c_proj")]
+        # c_fc routes when a task is set on it (one for the batch, or one per sample); otherwise its own forward
+        # decides (the base output when the adapters are off, an error when no task was ever set) and c_proj,
+        # given no decision, gives its base output.
+        on = fc.num_experts > 0 and (fc.active_task is not None or getattr(fc, "_sample_tasks", None) is not None)
+        decision = fc.route(x) if on else None
+        h = fc(x, routing=decision) if decision is not None else fc(x)
+        for act in acts:
+            h = act(h)
+        return proj(h, routing=decision)
+
+
 def _blocks(model: nn.Module, tower: str) -> list[tuple[str, nn.Module]]:
     """The residual attention blocks of a CLIP tower, by name (open_clip: visual.transformer / transformer)."""
     found = []
@@ -195,12 +271,19 @@ def inject(model: nn.Module, config: AdapterConfig) -> list[str]:
             raise ValueError(f"adapters.towers names {tower!r} but the model has no residual blocks there "
                              f"(expected open_clip 'visual.transformer.resblocks.*' / 'transformer.resblocks.*')")
         kwargs = config.layer_kwargs(tower)
+        shared = config.router_placement == "block"
         for name, block in blocks:
+            if shared:
+                block.mlp = _block_routed(block.mlp, f"{name}.mlp")
             for target in config.targets:
                 if target in ("mlp.c_fc", "mlp.c_proj"):
                     child = target.split(".")[1]
                     linear = getattr(block.mlp, child)
-                    setattr(block.mlp, child, MoELoRALinear.from_linear(linear, **kwargs))
+                    cls = RouteFollower if shared and child == "c_proj" else MoELoRALinear
+                    layer = cls.from_linear(linear, **kwargs)
+                    if isinstance(layer, RouteFollower):
+                        layer.route_leader = f"{name}.mlp.c_fc"
+                    setattr(block.mlp, child, layer)
                     wrapped.append(f"{name}.{target}")
                 elif target == "attn.out_proj":
                     attn = block.attn
@@ -222,9 +305,32 @@ def inject(model: nn.Module, config: AdapterConfig) -> list[str]:
                         norm, block.ln_2 = block.ln_2, nn.Identity()
                     block.mlp = ParallelAdapter(block.mlp, adapter, norm)
                     wrapped.append(f"{name}.mlp.adapter")
-    logger.info("injected %d MoE-LoRA layers (%s) into %s", len(wrapped), ", ".join(config.targets),
-                ", ".join(config.towers))
+    logger.info("injected %d MoE-LoRA layers (%s, %s routers) into %s", len(wrapped), ", ".join(config.targets),
+                config.router_placement, ", ".join(config.towers))
     return wrapped
+
+
+def _block_routed(mlp: nn.Module, name: str) -> BlockRoutedMLP:
+    """open_clip's MLP Sequential (c_fc, activation, c_proj) as a BlockRoutedMLP with the same children."""
+    children = dict(mlp.named_children()) if isinstance(mlp, nn.Sequential) else {}
+    names = list(children)
+    if len(names) < 2 or names[0] != "c_fc" or names[-1] != "c_proj":
+        raise ValueError(f"adapters.router_placement='block' needs {name} to be open_clip's MLP Sequential "
+                         f"(c_fc, activation, c_proj), got {type(mlp).__name__} with children {names}")
+    return BlockRoutedMLP(OrderedDict(children))
+
+
+def route_followers(layers: list[tuple[str, MoELoRALinear]]) -> dict[str, str]:
+    """{follower name: leader name} for the layers that apply another layer's routing (RouteFollower)."""
+    names = {n for n, _ in layers}
+    out = {}
+    for name, layer in layers:
+        if isinstance(layer, RouteFollower):
+            if layer.route_leader not in names:
+                raise ValueError(f"layer {name!r} follows the routing of {layer.route_leader!r}, which is not among "
+                                 "the given layers")
+            out[name] = layer.route_leader
+    return out
 
 
 def adapter_layers(model: nn.Module) -> list[tuple[str, MoELoRALinear]]:

@@ -93,7 +93,8 @@ def prune_rank_components(layer: MoELoRALinear, energy: float, ids: list[int] | 
 
 def prune_candidates(layers: Layers, usage: Mapping[str, torch.Tensor], tau: float, *,
                      rank_energy: float | None = None, min_keep: int = 0,
-                     report: dict[str, Any] | None = None) -> dict[str, list[int]]:
+                     report: dict[str, Any] | None = None,
+                     followers: Mapping[str, str] | None = None) -> dict[str, list[int]]:
     """Remove every candidate whose share of its layer's routed mass is below `tau`; optionally rank-prune.
 
     Args:
@@ -105,8 +106,12 @@ def prune_candidates(layers: Layers, usage: Mapping[str, torch.Tensor], tau: flo
         min_keep: keep at least this many candidates per layer (the highest-share ones).
         report: optional dict filled with {name: {"share": [E floats], "removed": [...], "kept": [...],
             "rank_zeroed": {new pool id: [components]}}} for the log.
+        followers: {follower name: leader name} (igsp.adapters.route_followers: block routing). A follower's
+            expert e is used exactly when its leader's is, so it loses exactly the leader's removed candidates
+            (its own usage is not read; rank pruning still looks at its own components).
     Returns:
-        {name: removed pool ids (numbered before the removal)}. The pool changed: rebuild the optimizer.
+        {name: removed pool ids (numbered before the removal)}, in the order of `layers`. The pool changed:
+        rebuild the optimizer.
     """
     layers = check_layers(layers)
     if not isinstance(usage, Mapping):
@@ -118,8 +123,32 @@ def prune_candidates(layers: Layers, usage: Mapping[str, torch.Tensor], tau: flo
     if rank_energy is not None and (isinstance(rank_energy, bool) or not isinstance(rank_energy, (int, float))
                                     or not 0.0 < rank_energy <= 1.0):
         raise ValueError(f"rank_energy must be None or a float in (0, 1], got {rank_energy!r}")
+    followers = dict(followers or {})
+    by_name = dict(layers)
+    for f, leader in followers.items():
+        if f not in by_name or leader not in by_name or leader in followers:
+            raise ValueError(f"followers[{f!r}] = {leader!r}: both must be layers in `layers`, the leader not a "
+                             "follower itself")
+        fl, ld = by_name[f], by_name[leader]
+        if (fl.num_experts, fl.num_frozen) != (ld.num_experts, ld.num_frozen):
+            raise ValueError(f"follower {f!r} has {fl.num_experts} experts ({fl.num_frozen} frozen) but its leader "
+                             f"{leader!r} {ld.num_experts} ({ld.num_frozen}): the pools must mirror each other")
     removed_all: dict[str, list[int]] = {}
-    for name, layer in layers:
+    # Leaders (and independent layers) first: their decisions are what the followers copy.
+    for name, layer in sorted(layers, key=lambda item: item[0] in followers):
+        if name in followers:
+            removed = removed_all[followers[name]]
+            cand = layer.trainable_expert_ids()
+            kept = [e for e in cand if e not in set(removed)]
+            if removed:
+                layer.remove_experts(removed)
+            new_ids = [layer.num_frozen + i for i in range(len(kept))]
+            zeroed = prune_rank_components(layer, rank_energy, new_ids) if rank_energy is not None else {}
+            removed_all[name] = list(removed)
+            if report is not None:
+                report[name] = {"share": report.get(followers[name], {}).get("share", []), "removed": list(removed),
+                                "kept": kept, "rank_zeroed": zeroed, "follows": followers[name]}
+            continue
         if layer.num_trainable == 0:
             removed_all[name] = []
             continue
@@ -146,7 +175,7 @@ def prune_candidates(layers: Layers, usage: Mapping[str, torch.Tensor], tau: flo
         if report is not None:
             report[name] = {"share": [float(s) for s in share], "removed": removed, "kept": kept,
                             "rank_zeroed": zeroed}
-    return removed_all
+    return {name: removed_all[name] for name, _ in layers}
 
 
 @torch.no_grad()

@@ -26,6 +26,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -40,8 +41,10 @@ __all__ = [
     "compute_bases",
     "orthogonality_error",
     "out_of_subspace_norms",
+    "outside_fractions",
     "project_candidates_",
     "snapshot_candidates",
+    "subspace_decay_",
     "subspace_regularizer",
 ]
 
@@ -323,3 +326,63 @@ class OrthogonalProjector:
     def error(self) -> float:
         """orthogonality_error of the change since the anchor (0 to fp32 rounding after after_step)."""
         return orthogonality_error(self.layers, self.bases, self.anchor)
+
+
+@torch.no_grad()
+def subspace_decay_(layers: Layers, bases: Mapping[str, LayerBasis], rate: float, *,
+                    backend: BackendName = "auto") -> None:
+    """The decoupled phase-1 regularizer: M <- M - rate * (I - U U^T) M for every candidate's A and B^T, in place.
+
+    Applied after the optimizer step with rate = lr_t * lam (as AdamW decouples weight decay from the gradient),
+    the part of a candidate outside the historical subspace shrinks by the factor (1 - lr_t * lam) per step,
+    whatever Adam's per-coordinate scaling does to the task gradient; the part inside is untouched. Sides
+    without history (m = 0) are left alone. `rate` is clamped to [0, 1] (1: the hard projection onto span(U)).
+    """
+    layers = check_layers(layers)
+    if isinstance(rate, bool) or not isinstance(rate, (int, float)) or rate < 0:
+        raise ValueError(f"rate must be a float >= 0, got {rate!r}")
+    rate = min(float(rate), 1.0)
+    if rate == 0.0:
+        return
+    mats = [(layer.A_train.detach().clone(), layer.B_train.detach().transpose(1, 2).clone()) for _, layer in layers]
+    ms, us = _pairs(layers, bases, mats)
+    if not ms:
+        return
+    project_grad_(ms, us, backend=backend)  # the copies are now (I - U U^T) M
+    for (name, layer), (pa, pbt) in zip(layers, mats):
+        if layer.num_trainable == 0:
+            continue
+        basis = bases[name]
+        if basis.m_in:
+            layer.A_train.sub_(rate * pa)
+        if basis.m_out:
+            layer.B_train.sub_(rate * pbt.transpose(1, 2))
+
+
+@torch.no_grad()
+def outside_fractions(layers: Layers, bases: Mapping[str, LayerBasis]) -> dict[str, dict[str, Any]]:
+    """Per candidate, the fraction of its norm outside the historical subspace (a diagnostic, one host sync a layer).
+
+    Returns {name: {"A": [||(I - U_in U_in^T) A_c||_F / ||A_c||_F], "B": [same for B_c^T; None while B_c = 0],
+    "A_random": sqrt(1 - m_in / d_in), "B_random": sqrt(1 - m_out / d_out)}}: the *_random values are what a
+    random matrix would show (the expected fraction of its squared norm outside an m-dimensional subspace is
+    1 - m / d), the reference for "pulled into the subspace". Layers without candidates or history are skipped.
+    """
+    layers = check_layers(layers)
+    out: dict[str, dict[str, Any]] = {}
+    for name, layer in layers:
+        basis = _basis(bases, name)
+        if layer.num_trainable == 0 or basis.empty:
+            continue
+        entry: dict[str, Any] = {}
+        for side, M, U, d in (("A", layer.A_train, basis.U_in, layer.in_features),
+                              ("B", layer.B_train.transpose(1, 2), basis.U_out, layer.out_features)):
+            M = M.detach().double()
+            Ud = U.double().to(M.device)
+            perp = M - Ud @ (Ud.T @ M) if U.shape[1] else M
+            norms = M.flatten(1).norm(dim=1).tolist()
+            outs = perp.flatten(1).norm(dim=1).tolist()
+            entry[side] = [o / n if n > 0 else None for o, n in zip(outs, norms)]
+            entry[f"{side}_random"] = (1.0 - U.shape[1] / d) ** 0.5
+        out[name] = entry
+    return out

@@ -32,11 +32,13 @@ for log.jsonl and the lists in `trainer.records` for results.json ("convergence"
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 import torch
 from torch import nn
 
+from igsp.adapters import route_followers
 from igsp_kernels import MoELoRALinear
 
 if TYPE_CHECKING:
@@ -59,21 +61,31 @@ class TrainerView(Protocol):
     task_names: list[str]
     records: dict[str, list[Any]]  # results.json's method records: "convergence", "prune", "orthogonality"
     log: _Log  # log.jsonl (a no-op off rank 0)
+    optimizer: torch.optim.Optimizer | None  # the current phase's (lr of this step: param_groups[0]["lr"])
+
+    def task_batches(self, t: int, max_samples: int) -> Iterator[tuple[torch.Tensor, torch.Tensor, int]]:
+        """(images, labels, subsample size) of this rank's share of a seeded subsample of task t's training set."""
+
+    def task_loss(self, t: int, images: torch.Tensor, labels: torch.Tensor, normaliser: int) -> torch.Tensor:
+        """Task t's training loss on a batch, summed over rows / normaliser."""
+
+    def all_reduce_(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Sum over DDP ranks in place (a no-op in one process)."""
 
 
 class PlanLayer:
     """Integer bookkeeping of one adapted layer for `igsp params` (no tensors): see Method.plan_task.
 
     Attributes:
-        d_route: elements a router stores per active expert (a router costs active experts x d_route): the width
-            of the vector it reads, twice that with learned gating noise (gate and noise weights).
+        router_size: router elements per active expert (d_route per matrix the router holds: the gate, and the
+            noise gate with learned gating noise; 0 for a layer that applies another layer's routing).
         expert_size: elements of one expert (A + B, + biases).
         frozen: historical experts; pool: experts in the pool (frozen + trainable).
         routers: active experts of each stored router, in task order.
     """
 
-    def __init__(self, d_route: int, expert_size: int, pool: int) -> None:
-        self.d_route = d_route
+    def __init__(self, router_size: int, expert_size: int, pool: int) -> None:
+        self.router_size = router_size
         self.expert_size = expert_size
         self.frozen = 0
         self.pool = pool
@@ -110,7 +122,7 @@ class Method:
         """
         p1 = 0
         for lay in layers:
-            p1 += lay.pool * lay.d_route + (lay.pool - lay.frozen) * lay.expert_size
+            p1 += lay.pool * lay.router_size + (lay.pool - lay.frozen) * lay.expert_size
             lay.routers.append(lay.pool)
         return {"phase1": p1, "phase2": None}
 
@@ -118,6 +130,16 @@ class Method:
     @property
     def layers(self) -> list[tuple[str, MoELoRALinear]]:
         return self.trainer.layers
+
+    @property
+    def followers(self) -> dict[str, str]:
+        """{layer: the layer whose routing it applies} (block routing; empty with per-layer routers)."""
+        return route_followers(self.layers)
+
+    def routing_layers(self) -> list[tuple[str, MoELoRALinear]]:
+        """The layers that route themselves (a follower's usage is its leader's: counting it twice adds nothing)."""
+        follows = self.followers
+        return [(n, layer) for n, layer in self.layers if n not in follows]
 
     def begin_task(self, t: int) -> None:
         """Grow the pools and add task t's router. Default: a router over each layer's current pool."""

@@ -58,13 +58,16 @@ class MoEAdaptersMethod(Method):
     def end_task(self, t: int) -> None:
         method = self.trainer.config.method
         k = method.freeze_per_task
-        for _, layer in self.layers:
-            if method.freeze_rule == "selected":
+        chosen: dict[str, list[int]] = {}
+        for name, layer in self.routing_layers():
+            if method.freeze_rule == "selected":  # the k most selected over the whole pool, if still trainable
                 counts = layer.usage_count.tolist()
                 top = sorted(range(layer.num_experts), key=lambda e: (-counts[e], e))[:k]
                 trainable = set(layer.trainable_expert_ids())
-                layer.freeze_experts([e for e in top if e in trainable])
+                chosen[name] = [e for e in top if e in trainable]
             else:
                 u = layer.usage()
-                ids = sorted(layer.trainable_expert_ids(), key=lambda e: (-float(u[e]), e))
-                layer.freeze_experts(ids[:k])
+                chosen[name] = sorted(layer.trainable_expert_ids(), key=lambda e: (-float(u[e]), e))[:k]
+        follows = self.followers
+        for name, layer in self.layers:  # a follower freezes its leader's choice (block routing: expert pairs)
+            layer.freeze_experts(chosen[follows.get(name, name)])

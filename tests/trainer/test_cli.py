@@ -33,16 +33,18 @@ BLOCKS, TASKS, EMBED, PROTOTYPES = 12, 11, 512, 5
 SELECTOR = TASKS * (PROTOTYPES * EMBED + 1)
 
 
-def _igsp_counts(C=2, r=8):
+def _igsp_counts(C=2, r=8, block=True):
     # Per block and tower of width w, targets c_fc (w -> 4w) and c_proj (4w -> w): an expert pair costs
-    # r * (w + 4w) in each linear; the router of a linear has d_route = its input width (w, then 4w).
+    # r * (w + 4w) in each linear. Per-layer routers read each linear's input (w, then 4w: 5w a block); block
+    # routing (the preset's) has c_fc's router alone, on the w-wide MLP input, shared with c_proj.
+    route = 1 if block else 5
     per_task = []
     for t in range(TASKS):
         experts = sum(BLOCKS * C * 2 * r * 5 * w for w in WIDTHS)
-        router = sum(BLOCKS * (C * (t + 1)) * 5 * w for w in WIDTHS)  # all survive: C(t+1) active experts
+        router = sum(BLOCKS * (C * (t + 1)) * route * w for w in WIDTHS)  # all survive: C(t+1) active experts
         per_task.append(experts + router)
     experts = sum(BLOCKS * C * TASKS * 2 * r * 5 * w for w in WIDTHS)
-    routers = sum(BLOCKS * 5 * w * C * sum(t + 1 for t in range(TASKS)) for w in WIDTHS)
+    routers = sum(BLOCKS * route * w * C * sum(t + 1 for t in range(TASKS)) for w in WIDTHS)
     return per_task, experts + routers + SELECTOR
 
 
@@ -72,6 +74,14 @@ def test_params_on_vit_b16_presets_match_hand_counts(preset, expected, capsys):
     assert rep["trainable_per_task"] == per_task
     assert rep["total_added"] == total
     assert rep["backbone"] > 100_000_000  # ViT-B/16 CLIP: ~150 M frozen parameters
+
+
+def test_params_with_per_layer_routers_match_hand_counts(capsys):
+    assert main(["params", "mtil-full-orderI-igsp", "--json", "--set", "adapters.router_placement=layer"]) == 0
+    rep = json.loads(capsys.readouterr().out)
+    per_task, total = _igsp_counts(block=False)
+    assert rep["trainable_per_task"] == per_task
+    assert rep["total_added"] == total
 
 
 def test_params_of_zeroshot_is_zero(capsys):

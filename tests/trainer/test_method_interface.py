@@ -7,7 +7,7 @@ import shutil
 
 import pytest
 import torch
-from trainer_helpers import TINY_OVERRIDES, read_log
+from trainer_helpers import read_log, resume_in_process, same_adapters
 
 from igsp.config import ConfigError, load_config
 from igsp.engine import Trainer, method_state
@@ -85,17 +85,10 @@ def test_checkpoint_without_method_state_resumes_bit_for_bit(tiny_run, tmp_path)
     torch.save(ckpt, run / "checkpoints" / "latest.pt")
     assert method_state(ckpt).keys() == state.keys()
 
-    config = load_config(run, TINY_OVERRIDES)
-    trainer = Trainer(config, resume=run)
-    try:
-        res = trainer.fit()
-    finally:
-        trainer.close()
+    res = resume_in_process(run)
     assert res["acc"] == ref["acc"]
     assert res["orthogonality"] == ref["orthogonality"]
-    a = torch.load(run / "checkpoints" / "latest.pt", weights_only=True)["adapters"]
-    b = torch.load(ref_dir / "checkpoints" / "latest.pt", weights_only=True)["adapters"]
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert same_adapters(run, ref_dir)
     assert _steps(run) == _steps(ref_dir)
 
 

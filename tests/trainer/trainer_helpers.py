@@ -49,6 +49,27 @@ def step_records(run_dir: Path) -> list[tuple]:
     return [tuple(repr(r.get(k)) for k in keep) for r in read_log(run_dir) if r["event"] == "step"]
 
 
+def resume_in_process(run_dir: Path) -> dict:
+    """Continue the run in `run_dir` from its checkpoints/latest.pt in this process; results.json's content."""
+    from igsp.config import load_config
+    from igsp.engine import Trainer
+
+    trainer = Trainer(load_config(run_dir, TINY_OVERRIDES), resume=run_dir)
+    try:
+        return trainer.fit()
+    finally:
+        trainer.close()
+
+
+def same_adapters(run_a: Path, run_b: Path) -> bool:
+    """Whether two runs' latest checkpoints hold bitwise identical adapter tensors (the same keys)."""
+    import torch
+
+    a = torch.load(run_a / "checkpoints" / "latest.pt", weights_only=True)["adapters"]
+    b = torch.load(run_b / "checkpoints" / "latest.pt", weights_only=True)["adapters"]
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
 def read_log(run_dir: Path) -> list[dict]:
     """The run's log.jsonl records, in order."""
     return [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines() if line.strip()]
