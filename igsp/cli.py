@@ -292,9 +292,10 @@ def _configure_demo(p: argparse.ArgumentParser) -> None:
     p.add_argument("--stream", choices=sorted(DEMO_STREAMS), default="offline-mtil",
                    help="offline-mtil (default: the pretrained small CLIP, ~7 tasks) or digits (random-init tiny "
                         "CLIP: the fastest smoke test)")
-    p.add_argument("--output", default=None, help="parent directory of the three runs (default runs/demo-<time>)")
+    p.add_argument("--output", default=None,
+                   help="parent directory of the runs, one per method (default runs/demo-<time>)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="A.B=VALUE",
-                   help="override a value in all three presets (e.g. train.iterations=50)")
+                   help="override a value in every preset of the demo (e.g. train.iterations=50)")
 
 
 def _run_demo(args: argparse.Namespace) -> int:
@@ -332,8 +333,8 @@ register_command("eval", "evaluate a run's latest checkpoint on every task (task
                  _run_eval)
 register_command("params", "parameter counts of a config, without data or training", _configure_params,
                  _run_params)
-register_command("demo", "igsp vs moe-adapters vs zero-shot on an offline stream (default offline-mtil)",
-                 _configure_demo, _run_demo)
+register_command("demo", "igsp, moe-adapters, lora and zero-shot side by side on an offline stream (default "
+                 "offline-mtil)", _configure_demo, _run_demo)
 
 
 def _load_optional_commands() -> None:
