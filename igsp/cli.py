@@ -333,8 +333,8 @@ register_command("eval", "evaluate a run's latest checkpoint on every task (task
                  _run_eval)
 register_command("params", "parameter counts of a config, without data or training", _configure_params,
                  _run_params)
-register_command("demo", "igsp, moe-adapters, lora and zero-shot side by side on an offline stream (default "
-                 "offline-mtil)", _configure_demo, _run_demo)
+register_command("demo", "igsp, moe-adapters, lora and zero-shot side by side on an offline stream",
+                 _configure_demo, _run_demo)
 
 
 def _load_optional_commands() -> None:
@@ -396,12 +396,19 @@ def _fail(command: str, exc: BaseException, debug: bool) -> int:
     rank = int(os.environ.get("RANK", "0"))
     where = f"igsp {command}" + (f" (rank {rank})" if rank else "")  # DDP: every rank reports its own failure
     if isinstance(exc, input_error_types()):
-        print(f"{where}: error: {error_message(exc)}", file=sys.stderr, flush=True)
+        _err_line(f"{where}: error: {error_message(exc)}")
         return EXIT_INPUT
     first = error_message(exc).splitlines()[0]
     hint = "" if debug else " (rerun with --debug for the traceback)"
-    print(f"{where}: error: {type(exc).__name__}: {first}{hint}", file=sys.stderr, flush=True)
+    _err_line(f"{where}: error: {type(exc).__name__}: {first}{hint}")
     return EXIT_BUG
+
+
+def _err_line(text: str) -> None:
+    # One write per line: print() writes the text and its newline separately, and under DDP the ranks share
+    # stderr, so two ranks' errors could otherwise run together on one line.
+    sys.stderr.write(text + "\n")
+    sys.stderr.flush()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -419,7 +426,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args._command.run(args)
     except KeyboardInterrupt:
-        print(f"igsp {args.command}: interrupted", file=sys.stderr, flush=True)
+        _err_line(f"igsp {args.command}: interrupted")
         return EXIT_INTERRUPTED
     except Exception as exc:
         return _fail(args.command, exc, args.debug)

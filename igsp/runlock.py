@@ -241,6 +241,11 @@ def _on_rank0(fn: Callable[[], T], rank: int, world: int) -> T | None:
         box = [error]
         dist.broadcast_object_list(box, src=0)
         error = box[0]
+        if error is not None:
+            # The source's send can complete before a slower rank has even reached the broadcast; if rank 0 then
+            # exited at once, torchrun would stop the others before they report the error. Every rank holds the
+            # error after this barrier, so each prints its own line.
+            dist.barrier()
     if error is not None:
         raise error
     return result
