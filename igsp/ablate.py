@@ -341,9 +341,11 @@ def _command_line(args: argparse.Namespace) -> str:
 def _run(args: argparse.Namespace) -> int:
     from igsp.config import ConfigError
 
-    if args.seeds < 1 or args.first_seed < 0 or (args.jobs is not None and args.jobs < 1):
-        sys.stderr.write("igsp ablate: error: --seeds and --jobs must be >= 1, --first-seed >= 0\n")
-        return 2
+    for flag, value, least in (("--seeds", args.seeds, 1), ("--first-seed", args.first_seed, 0),
+                               ("--jobs", args.jobs, 1)):
+        if value is not None and value < least:
+            sys.stderr.write(f"igsp ablate: error: {flag}: got {value}; expected an int >= {least}\n")
+            return 2
     try:
         grid = parse_grid(args.grid)
         output = Path(args.output or f"runs/ablate-{Path(args.preset).stem}")

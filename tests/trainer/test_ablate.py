@@ -103,6 +103,14 @@ def test_ablate_rejects_a_bad_grid_before_running(tmp_path, capsys):
     assert not (tmp_path / "runs").exists()
 
 
+@pytest.mark.parametrize(("flag", "value", "expected"), [("--seeds", "0", ">= 1"), ("--jobs", "0", ">= 1"),
+                                                      ("--first-seed", "-1", ">= 0")])
+def test_ablate_names_a_bad_count(tmp_path, capsys, flag, value, expected):
+    assert main(["ablate", "tiny", flag, value, "--output", str(tmp_path)]) == 2
+    assert f"igsp ablate: error: {flag}: got {value}; expected an int {expected}" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())  # nothing started
+
+
 def test_each_run_gets_one_device_to_itself(tmp_path, monkeypatch):
     # --devices 3,5: two runs at a time, each child process sees exactly one GPU id (CUDA_VISIBLE_DEVICES) that
     # no other running child has. The children are stubs that record their environment (no training), so the
